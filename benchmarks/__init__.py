@@ -1,0 +1,1 @@
+"""Benchmarks of kronlayers against dense layers and peer libraries (not tests)."""
