@@ -99,7 +99,9 @@ def _contract_modes_matmul(
     # einsum, which copies the operand to bring the contracted axis last (measured 1.6x
     # slower for 64x64 (x) 64x64 at batch 256 on CPU).
     for k in modes:
-        f = factors[k].T if transpose else factors[k]  # (to, from)
+        # A transposed (strided) left operand sends the broadcast GEMM down a slow path;
+        # the factor is tiny, so make it contiguous.
+        f = factors[k].T.contiguous() if transpose else factors[k]  # (to, from)
         shape = t.shape
         size_from = shape[1 + k]
         after = 1
