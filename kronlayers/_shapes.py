@@ -22,7 +22,8 @@ __all__ = [
 
 def prod(values: Sequence[int]) -> int:
     """Product of a sequence of ints (1 for an empty one)."""
-    return math.prod(int(v) for v in values)
+    # A list, not a generator: Dynamo (torch.compile fullgraph) cannot trace generators.
+    return math.prod([int(v) for v in values])
 
 
 @lru_cache(maxsize=1024)

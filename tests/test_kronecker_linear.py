@@ -142,9 +142,10 @@ def test_functional_errors():
 
 def test_flops_formula():
     # 64x64 (x) 64x64 at batch 256: two contractions of 256*64*64*64 multiply-adds.
-    assert kronecker_linear_flops((64, 64), (64, 64), 1, 256) == 2 * 256 * 64**3
+    assert kronecker_linear_flops((64, 64), (64, 64), 1, 256) == 2 * 2 * 256 * 64**3
     # shrink first: (in 10 -> out 2) before (in 3 -> out 30)
-    assert kronecker_linear_flops((10, 3), (2, 30), 1, 1) == 30 * 2 + 6 * 30
+    assert kronecker_linear_flops((10, 3), (2, 30), 1, 1) == 2 * (30 * 2 + 6 * 30)
+    assert kronecker_linear_flops((10, 3), (2, 30), 3, 5) == 15 * 2 * (30 * 2 + 6 * 30)
 
 
 # ---------------------------------------------------------------- module

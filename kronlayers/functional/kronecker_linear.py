@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from .._shapes import check_tensor, prod
+from ._amp import apply_autocast
 from ._kron_engine import MAX_FACTORS, contract_modes, contraction_order, order_cost
 
 __all__ = [
@@ -79,7 +80,11 @@ def _factor_grad(
         b_sub = letters.replace(lk, "i")
     if p.dim() == d + 2:  # carries the rank axis
         return torch.einsum(f"nr{a_sub},n{b_sub}->roi", a, b)
-    grad = torch.einsum(f"n{a_sub},n{b_sub}->oi", a, b)
+    # Unranked: contract over the batch and every axis but k. tensordot folds this into one
+    # GEMM over permuted views; einsum took 4x longer for 64x64 (x) 64x64 at batch 256.
+    rest = [0] + [1 + j for j in others]
+    grad = torch.tensordot(a, b, dims=(rest, rest))  # (a's axis k, b's axis k)
+    grad = grad if a_sub[k] == "o" else grad.T
     if factors[0].dim() == 3:
         # d == 1 with several rank terms: W = sum_r F[r], so each term gets the same gradient.
         return grad.unsqueeze(0).expand(factors[0].shape[0], -1, -1).contiguous()
@@ -94,7 +99,15 @@ class KroneckerLinearFunction(torch.autograd.Function):
     forward per factor but keeps the activation memory of the layer equal to ``nn.Linear``'s
     (just the input), instead of storing ``d - 1`` intermediates of up to ``rank`` times the
     input size.
+
+    Composability: the backward is made of differentiable torch ops, so double backward
+    (``create_graph=True``, ``gradgradcheck``) works. ``torch.func.vmap`` (and per-sample
+    gradients with ``vmap(grad(...))``) works through ``generate_vmap_rule``, which vmaps the
+    plain-torch forward and backward. Forward-mode AD (``jvp``, ``jacfwd``) is not
+    implemented and raises PyTorch's error asking for a ``jvp`` staticmethod.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x: torch.Tensor, bias: torch.Tensor | None, *factors: torch.Tensor):
@@ -193,17 +206,18 @@ def kronecker_linear(
         check_tensor("bias", bias)
         if tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-    return KroneckerLinearFunction.apply(input, bias, *factors)
+    return apply_autocast(KroneckerLinearFunction, input, bias, *factors)
 
 
 def kronecker_linear_flops(
     in_shape: Sequence[int], out_shape: Sequence[int], rank: int = 1, batch: int = 1
 ) -> int:
-    """Forward multiply-adds of :func:`kronecker_linear` on ``batch`` rows (bias excluded).
+    """Forward FLOPs (2 per multiply-add) of :func:`kronecker_linear` on ``batch`` rows.
 
-    ``batch * rank * sum_j T_j * out_{k_j}`` over the contraction order chosen by the kernel,
-    where ``T_j`` is the size of the intermediate before step ``j``. Compare with
-    ``batch * prod(in_shape) * prod(out_shape)`` for the dense layer.
+    ``2 * batch * rank * sum_j T_j * out_{k_j}`` over the contraction order chosen by the
+    kernel, where ``T_j`` is the size of the intermediate before step ``j``; bias excluded.
+    Compare with ``2 * batch * prod(in_shape) * prod(out_shape)`` for the dense layer. The
+    same unit as :func:`cp_linear_flops` and :func:`cp_conv2d_flops`.
     """
     order = contraction_order(in_shape, out_shape)
-    return batch * rank * order_cost(in_shape, out_shape, order)
+    return 2 * batch * rank * order_cost(in_shape, out_shape, order)

@@ -1,0 +1,424 @@
+"""The benchmark suite: every layer against dense layers and its peers, one command.
+
+    python -m benchmarks [--device cuda] [--quick] [--no-memory] [--no-plots]
+
+For each configuration the layers below are timed in the same process with their calls
+interleaved round by round (``benchmarks._harness``), forward (under ``no_grad``) and
+forward+backward, and compared with the dense layer and the peer a user would pick instead:
+
+- ``nn.Linear`` / ``nn.Conv2d``: the dense layers;
+- ``KroneckerLinear`` vs FastKron (``pyfastkron``, optional, install with ``--no-deps``);
+- ``CPLinear`` / ``CPConv2d`` vs TensorLy-Torch's ``FactorizedLinear`` / ``FactorizedConv``
+  (``factorization='cp'``, ``implementation='factorized'``) holding the same factors.
+
+FLOPs are analytic forward FLOPs (2 per multiply-add) of each kernel; "% peak" divides the
+achieved forward GFLOP/s by the machine's dense-matmul GFLOP/s measured in the same run.
+Peak memory of forward+backward: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the
+growth of the max resident set size of a fresh subprocess running one forward+backward.
+
+Writes ``benchmarks/results/<device>.md`` and ``.json`` and PNG plots beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks._harness import (
+    RESULTS,
+    dense_matmul_gflops,
+    environment,
+    interleaved_medians,
+    markdown_table,
+    peak_cuda_memory,
+)
+from kronlayers import CPConv2d, CPLinear, KroneckerLinear
+from kronlayers._shapes import balanced_factorization
+from kronlayers.functional import cp_conv2d_flops, cp_linear_flops, kronecker_linear_flops
+
+try:  # optional peer
+    from pyfastkron import fastkrontorch as _fastkron
+except ImportError:  # pragma: no cover - depends on the environment
+    _fastkron = None
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class _FastKronLinear(nn.Module):
+    """FastKron's X @ (G_1 ⊗ G_2) with the factors of a KroneckerLinear (G_k = F_k^T)."""
+
+    def __init__(self, layer: KroneckerLinear) -> None:
+        super().__init__()
+        self.fs = nn.ParameterList(
+            [nn.Parameter(f[0].detach().T.contiguous()) for f in layer.factors]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # FastKron accepts exact torch.Tensor only, not Parameter subclasses: pass views.
+        return _fastkron.gemkm(x, [p.view_as(p) for p in self.fs])
+
+
+def linear_layers(n: int, batch: int, rank: int, device: str) -> dict[str, tuple]:
+    """name -> (module, params, forward FLOPs) for an n x n linear layer at ``batch`` rows."""
+    torch.manual_seed(0)
+    shape = balanced_factorization(n, 2)
+    dense = nn.Linear(n, n, bias=False, device=device)
+    kron = KroneckerLinear(n, n, bias=False, in_shape=shape, out_shape=shape, device=device)
+    cp = CPLinear(n, n, bias=False, rank=rank, in_shape=shape, out_shape=shape, device=device)
+    kron_flops = kronecker_linear_flops(shape, shape, 1, batch)
+    cp_flops = cp_linear_flops(shape, shape, rank, batch)
+    layers = {
+        "nn.Linear": (dense, n * n, 2 * batch * n * n),
+        "KroneckerLinear": (kron, kron.num_factor_parameters(), kron_flops),
+        f"CPLinear r={rank}": (cp, _weights(cp), cp_flops),
+        f"tltorch CP r={rank}": (cp.to_tltorch().to(device), _weights(cp), cp_flops),
+    }
+    if _fastkron is not None:
+        layers["FastKron"] = (_FastKronLinear(kron), kron.num_factor_parameters(), kron_flops)
+    return layers
+
+
+def conv_layers(c: int, k: int, hw: int, batch: int, rank: int, device: str) -> dict:
+    """name -> (module, params, forward FLOPs) for a c -> c k x k 'same' convolution."""
+    torch.manual_seed(0)
+    pad = k // 2
+    dense = nn.Conv2d(c, c, k, padding=pad, bias=False, device=device)
+    cp = CPConv2d(c, c, k, padding=pad, bias=False, rank=rank, device=device)
+    flops = cp_conv2d_flops(c, c, k, rank, (hw, hw), batch, padding=pad)
+    return {
+        "nn.Conv2d": (dense, c * c * k * k, 2 * batch * c * c * k * k * hw * hw),
+        f"CPConv2d r={rank}": (cp, _weights(cp), flops),
+        f"tltorch CP r={rank}": (cp.to_tltorch().to(device), _weights(cp), flops),
+    }
+
+
+def _weights(module: nn.Module) -> int:
+    return sum(p.numel() for name, p in module.named_parameters() if not name.endswith("bias"))
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_layers(
+    layers: dict[str, tuple], x: torch.Tensor, device: str, rounds: int, min_run: float
+) -> dict[str, dict[str, float]]:
+    xg = x.clone().requires_grad_()
+    fwd: dict[str, Callable] = {}
+    fwdbwd: dict[str, Callable] = {}
+    for name, (module, _, _) in layers.items():
+
+        def f(m=module):
+            with torch.no_grad():
+                return m(x)
+
+        def fb(m=module):
+            m(xg).sum().backward()
+
+        fwd[name], fwdbwd[name] = f, fb
+    t_f = interleaved_medians(fwd, device=device, rounds=rounds, min_run_time=min_run)
+    t_fb = interleaved_medians(fwdbwd, device=device, rounds=rounds, min_run_time=min_run)
+    out = {name: {"fwd": t_f[name], "fwdbwd": t_fb[name]} for name in layers}
+    if device.startswith("cuda"):
+        for name in layers:
+            out[name]["peak_bytes"] = peak_cuda_memory(fwdbwd[name])
+    return out
+
+
+def rows_for(
+    group: str,
+    config: str,
+    layers: dict[str, tuple],
+    times: dict[str, dict[str, float]],
+    peak: float,
+    extra: dict | None = None,
+) -> list[dict]:
+    dense_name = next(iter(layers))
+    rows = []
+    for name, (_, params, flops) in layers.items():
+        t = times[name]
+        peer = _peer_of(name, layers)
+        row = {
+            "group": group,
+            "config": config,
+            "layer": name,
+            "params": params,
+            "GFLOP fwd": flops / 1e9,
+            "fwd ms": t["fwd"] * 1e3,
+            "fwd+bwd ms": t["fwdbwd"] * 1e3,
+            "fwd/dense": t["fwd"] / times[dense_name]["fwd"],
+            "fwd+bwd/dense": t["fwdbwd"] / times[dense_name]["fwdbwd"],
+            "fwd+bwd/peer": (t["fwdbwd"] / times[peer]["fwdbwd"]) if peer else "",
+            "GFLOP/s": flops / t["fwd"] / 1e9,
+            "% peak": 100 * flops / t["fwd"] / 1e9 / peak,
+            **(extra or {}),
+        }
+        if "peak_bytes" in t:
+            row["peak MiB"] = t["peak_bytes"] / 2**20
+        rows.append(row)
+    return rows
+
+
+def _peer_of(name: str, layers: dict) -> str | None:
+    if name.startswith(("CPLinear", "CPConv2d")):
+        return next((n for n in layers if n.startswith("tltorch")), None)
+    if name == "KroneckerLinear":
+        return "FastKron" if "FastKron" in layers else None
+    return None
+
+
+# ----------------------------------------------------------------------------- memory (CPU)
+
+
+def _memory_child(spec: dict) -> None:
+    """Run in a fresh interpreter: build one layer, report max-RSS growth of a fwd+bwd."""
+    torch.set_num_threads(spec["threads"])
+    if spec["kind"] == "linear":
+        layers = linear_layers(spec["n"], spec["batch"], spec["rank"], "cpu")
+        x = torch.randn(spec["batch"], spec["n"])
+    else:
+        layers = conv_layers(spec["c"], spec["k"], spec["hw"], spec["batch"], spec["rank"], "cpu")
+        x = torch.randn(spec["batch"], spec["c"], spec["hw"], spec["hw"])
+    module = layers[spec["layer"]][0]
+    for other in list(layers):
+        if other != spec["layer"]:
+            del layers[other]
+    x.requires_grad_()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    module(x).sum().backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"kib": after - before}))
+
+
+def cpu_peak_memory(spec: dict) -> float:
+    """MiB of resident-set growth of one forward+backward, in a fresh subprocess."""
+    spec = {**spec, "threads": torch.get_num_threads()}
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.suite", "--memory-child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["kib"] / 1024
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot(rows: list[dict], device: str, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    lin = [r for r in rows if r["group"] == "linear" and r.get("batch") == max_batch(rows)]
+    if lin:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, key in zip(axes, ["fwd ms", "fwd+bwd ms"], strict=True):
+            for layer in _series(lin):
+                pts = [(r["n"], r[key]) for r in lin if _family(r["layer"]) == layer]
+                ax.plot(*zip(*pts, strict=True), marker="o", label=layer)
+            ax.set(xscale="log", yscale="log", xlabel="features (in = out)", ylabel=key)
+            ax.set_title(f"linear, batch {max_batch(rows)}: {key.split()[0]}")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].legend()
+        fig.tight_layout()
+        paths.append(_save(fig, out_dir / f"{device}_linear_time.png"))
+    ranks = [r for r in rows if r["group"].startswith("rank")]
+    if ranks:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, group in zip(axes, ["rank-linear", "rank-conv"], strict=True):
+            sel = [r for r in ranks if r["group"] == group]
+            for layer in _series(sel):
+                pts = [(r["rank"], r["fwd+bwd ms"]) for r in sel if _family(r["layer"]) == layer]
+                ax.plot(*zip(*pts, strict=True), marker="o", label=layer)
+            cfg = sel[0]["config"] if sel else ""
+            ax.set(xscale="log", yscale="log", xlabel="CP rank", ylabel="fwd+bwd ms")
+            ax.set_title(f"{group}: {cfg}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        paths.append(_save(fig, out_dir / f"{device}_rank_time.png"))
+    mem = [r for r in rows if r.get("peak MiB") not in (None, "")]
+    if mem:
+        fig, ax = plt.subplots(figsize=(11, 4))
+        labels = [f"{r['config']}\n{r['layer']}" for r in mem]
+        ax.bar(range(len(mem)), [r["peak MiB"] for r in mem])
+        ax.set_xticks(range(len(mem)), labels, rotation=90, fontsize=6)
+        ax.set(ylabel="peak MiB of fwd+bwd", yscale="log")
+        fig.tight_layout()
+        paths.append(_save(fig, out_dir / f"{device}_memory.png"))
+    return paths
+
+
+def max_batch(rows: list[dict]) -> int:
+    return max((r.get("batch", 0) for r in rows if r["group"] == "linear"), default=0)
+
+
+def _family(layer: str) -> str:
+    return layer.split(" r=")[0]
+
+
+def _series(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(_family(r["layer"]) for r in rows))
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(device: str, quick: bool, memory: bool, plots: bool, out_dir: Path = RESULTS) -> Path:
+    rounds, min_run = (2, 0.01) if quick else (3, 0.05)
+    peak = dense_matmul_gflops(device, n=512 if quick else 2048)
+    lin_sizes = [256, 1024] if quick else [256, 1024, 4096, 8192]
+    batches = [32] if quick else [1, 32, 256]
+    conv_cfgs = (
+        [(16, 3, 16)]
+        if quick
+        else [(c, k, hw) for c in (16, 64, 256) for k in (3, 5) for hw in (32, 64)]
+    )
+    conv_batch = 2 if quick else 8
+    rows: list[dict] = []
+
+    for n in lin_sizes:
+        for b in batches:
+            rank = max(1, n // 16)
+            layers = linear_layers(n, b, rank, device)
+            x = torch.randn(b, n, device=device)
+            times = time_layers(layers, x, device, rounds, min_run)
+            rows += rows_for("linear", f"{n}x{n} b{b}", layers, times, peak, {"n": n, "batch": b})
+            print(f"linear {n} batch {b} done", flush=True)
+
+    for c, k, hw in conv_cfgs:
+        rank = max(4, c // 4)
+        layers = conv_layers(c, k, hw, conv_batch, rank, device)
+        x = torch.randn(conv_batch, c, hw, hw, device=device)
+        times = time_layers(layers, x, device, rounds, min_run)
+        cfg = f"{c}ch {k}x{k} {hw}x{hw} b{conv_batch}"
+        rows += rows_for("conv", cfg, layers, times, peak, {"c": c, "k": k, "hw": hw})
+        print(f"conv {cfg} done", flush=True)
+
+    lin_ranks = [8, 32] if quick else [8, 32, 128, 512]
+    n_r, b_r = (256, 32) if quick else (1024, 256)
+    for r in lin_ranks:
+        layers = linear_layers(n_r, b_r, r, device)
+        layers = {k: v for k, v in layers.items() if k.startswith(("nn.", "CP", "tltorch"))}
+        times = time_layers(layers, torch.randn(b_r, n_r, device=device), device, rounds, min_run)
+        rows += rows_for("rank-linear", f"{n_r}x{n_r} b{b_r}", layers, times, peak, {"rank": r})
+    c_r, hw_r = (16, 16) if quick else (64, 32)
+    conv_ranks = [4, 8] if quick else [8, 32, 128]
+    for r in conv_ranks:
+        layers = conv_layers(c_r, 3, hw_r, conv_batch, r, device)
+        x = torch.randn(conv_batch, c_r, hw_r, hw_r, device=device)
+        times = time_layers(layers, x, device, rounds, min_run)
+        cfg = f"{c_r}ch 3x3 {hw_r}x{hw_r} b{conv_batch}"
+        rows += rows_for("rank-conv", cfg, layers, times, peak, {"rank": r})
+    print("rank sweeps done", flush=True)
+
+    if memory and not device.startswith("cuda"):
+        mem_lin = [(1024, 32)] if quick else [(1024, 256), (4096, 256)]
+        for r in rows:
+            spec = None
+            if r["group"] == "linear" and (r["n"], r["batch"]) in mem_lin:
+                spec = {"kind": "linear", "n": r["n"], "batch": r["batch"]}
+                spec["rank"] = max(1, r["n"] // 16)
+            elif r["group"] == "conv" and r["hw"] == 32 and r["k"] == 3 and r["c"] <= 64:
+                spec = {"kind": "conv", "c": r["c"], "k": 3, "hw": 32, "batch": conv_batch}
+                spec["rank"] = max(4, r["c"] // 4)
+            if spec is not None and r["layer"] != "FastKron":
+                r["peak MiB"] = cpu_peak_memory({**spec, "layer": r["layer"]})
+        print("memory done", flush=True)
+
+    env = environment(device)
+    env["dense mm GFLOP/s (ceiling)"] = round(peak, 1)
+    env["FastKron"] = "installed" if _fastkron is not None else "not installed"
+    env["mode"] = "quick" if quick else "full"
+    cols = [
+        "config",
+        "layer",
+        "params",
+        "GFLOP fwd",
+        "fwd ms",
+        "fwd+bwd ms",
+        "fwd/dense",
+        "fwd+bwd/dense",
+        "fwd+bwd/peer",
+        "GFLOP/s",
+        "% peak",
+        "peak MiB",
+    ]
+    tag = "cuda" if device.startswith("cuda") else "cpu"
+    name = f"{tag}_quick" if quick else tag
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sections = []
+    titles = {
+        "linear": "Linear layers (rank of CP = n/16)",
+        "conv": "Conv layers, 'same' padding (rank of CP = C/4)",
+        "rank-linear": "CPLinear vs rank",
+        "rank-conv": "CPConv2d vs rank",
+    }
+    for group, title in titles.items():
+        sel = [r for r in rows if r["group"] == group]
+        if sel:
+            sections.append(f"## {title}\n\n" + markdown_table(sel, cols))
+    figs = plot(rows, name, out_dir) if plots else []
+    header = "\n".join(f"- {k}: {v}" for k, v in env.items())
+    cmd = "python -m benchmarks" + (f" --device {device}" if device != "cpu" else "")
+    cmd += " --quick" if quick else ""
+    body = (
+        f"# kronlayers benchmark suite ({tag})\n\nCommand: `{cmd}`\n\n{header}\n\n"
+        "Times are medians of interleaved rounds; ratios < 1 mean faster than the reference "
+        "(dense layer, or the peer: FastKron for KroneckerLinear, TensorLy-Torch for CP). "
+        "`peak MiB` is the growth of peak memory during one forward+backward.\n\n"
+        + "\n\n".join(sections)
+        + "\n\n"
+        + "\n".join(f"![{p.stem}]({p.name})" for p in figs)
+        + "\n"
+    )
+    md = out_dir / f"{name}.md"
+    md.write_text(body)
+    (out_dir / f"{name}.json").write_text(
+        json.dumps({"env": env, "rows": rows}, indent=1, default=str)
+    )
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--quick", action="store_true", help="a few small rows (under a minute)")
+    p.add_argument("--no-memory", action="store_true", help="skip CPU peak-memory subprocesses")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--out-dir", type=Path, default=RESULTS, help="default: benchmarks/results")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_child:
+        _memory_child(json.loads(args.memory_child))
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda given but CUDA is not available")
+    md = run(args.device, args.quick, not args.no_memory, not args.no_plots, args.out_dir)
+    print(md.read_text())
+    print(f"wrote {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Data sets for the examples and tests: MNIST read from its IDX files (no torchvision)."""
+
+from .mnist import (
+    MIRRORS,
+    MNIST_FILES,
+    MNIST_GZ_MD5,
+    MNIST_MEAN,
+    MNIST_STD,
+    IDXFormatError,
+    MNISTNotFoundError,
+    default_data_dir,
+    download_mnist,
+    find_mnist_file,
+    load_mnist,
+    mnist_dataset,
+    mnist_tensors,
+    normalize_images,
+    read_idx,
+    read_idx_images,
+    read_idx_labels,
+    resolve_data_dir,
+)
+
+__all__ = [
+    "MIRRORS",
+    "MNIST_FILES",
+    "MNIST_GZ_MD5",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "IDXFormatError",
+    "MNISTNotFoundError",
+    "default_data_dir",
+    "download_mnist",
+    "find_mnist_file",
+    "load_mnist",
+    "mnist_dataset",
+    "mnist_tensors",
+    "normalize_images",
+    "read_idx",
+    "read_idx_images",
+    "read_idx_labels",
+    "resolve_data_dir",
+]
