@@ -276,7 +276,9 @@ def main() -> None:
         with torch.no_grad():  # the three compute the same function
             ref = layers["kronlayers"](x)
             for m in METHODS[1:]:
-                torch.testing.assert_close(layers[m](x), ref, rtol=1e-4, atol=1e-4)
+                # cuDNN convolutions use TF32 by default on CUDA: ~1e-3 relative error.
+                tol = 1e-4 if device == "cpu" else 1e-2
+                torch.testing.assert_close(layers[m](x), ref, rtol=tol, atol=tol)
         cases.update({(m, rank): layer for m, layer in layers.items()})
 
     # Every case is timed once per round and the rounds' median is reported: on a shared

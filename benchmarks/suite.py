@@ -286,6 +286,8 @@ def _save(fig, path: Path) -> Path:
 
 def run(device: str, quick: bool, memory: bool, plots: bool, out_dir: Path = RESULTS) -> Path:
     rounds, min_run = (2, 0.01) if quick else (3, 0.05)
+    if device.startswith("cuda"):
+        min_run /= 2  # GPU calls are short; 25 ms of repeats per sample is plenty
     peak = dense_matmul_gflops(device, n=512 if quick else 2048)
     lin_sizes = [256, 1024] if quick else [256, 1024, 4096, 8192]
     batches = [32] if quick else [1, 32, 256]
@@ -296,43 +298,52 @@ def run(device: str, quick: bool, memory: bool, plots: bool, out_dir: Path = RES
     )
     conv_batch = 2 if quick else 8
     rows: list[dict] = []
+    interrupted = False
+    try:
+        for n in lin_sizes:
+            for b in batches:
+                rank = max(1, n // 16)
+                layers = linear_layers(n, b, rank, device)
+                x = torch.randn(b, n, device=device)
+                times = time_layers(layers, x, device, rounds, min_run)
+                rows += rows_for(
+                    "linear", f"{n}x{n} b{b}", layers, times, peak, {"n": n, "batch": b}
+                )
+                print(f"linear {n} batch {b} done", flush=True)
 
-    for n in lin_sizes:
-        for b in batches:
-            rank = max(1, n // 16)
-            layers = linear_layers(n, b, rank, device)
-            x = torch.randn(b, n, device=device)
+        for c, k, hw in conv_cfgs:
+            rank = max(4, c // 4)
+            layers = conv_layers(c, k, hw, conv_batch, rank, device)
+            x = torch.randn(conv_batch, c, hw, hw, device=device)
             times = time_layers(layers, x, device, rounds, min_run)
-            rows += rows_for("linear", f"{n}x{n} b{b}", layers, times, peak, {"n": n, "batch": b})
-            print(f"linear {n} batch {b} done", flush=True)
+            cfg = f"{c}ch {k}x{k} {hw}x{hw} b{conv_batch}"
+            rows += rows_for("conv", cfg, layers, times, peak, {"c": c, "k": k, "hw": hw})
+            print(f"conv {cfg} done", flush=True)
 
-    for c, k, hw in conv_cfgs:
-        rank = max(4, c // 4)
-        layers = conv_layers(c, k, hw, conv_batch, rank, device)
-        x = torch.randn(conv_batch, c, hw, hw, device=device)
-        times = time_layers(layers, x, device, rounds, min_run)
-        cfg = f"{c}ch {k}x{k} {hw}x{hw} b{conv_batch}"
-        rows += rows_for("conv", cfg, layers, times, peak, {"c": c, "k": k, "hw": hw})
-        print(f"conv {cfg} done", flush=True)
+        lin_ranks = [8, 32] if quick else [8, 32, 128, 512]
+        n_r, b_r = (256, 32) if quick else (1024, 256)
+        for r in lin_ranks:
+            layers = linear_layers(n_r, b_r, r, device)
+            layers = {k: v for k, v in layers.items() if k.startswith(("nn.", "CP", "tltorch"))}
+            times = time_layers(
+                layers, torch.randn(b_r, n_r, device=device), device, rounds, min_run
+            )
+            rows += rows_for("rank-linear", f"{n_r}x{n_r} b{b_r}", layers, times, peak, {"rank": r})
+        c_r, hw_r = (16, 16) if quick else (64, 32)
+        conv_ranks = [4, 8] if quick else [8, 32, 128]
+        for r in conv_ranks:
+            layers = conv_layers(c_r, 3, hw_r, conv_batch, r, device)
+            x = torch.randn(conv_batch, c_r, hw_r, hw_r, device=device)
+            times = time_layers(layers, x, device, rounds, min_run)
+            cfg = f"{c_r}ch 3x3 {hw_r}x{hw_r} b{conv_batch}"
+            rows += rows_for("rank-conv", cfg, layers, times, peak, {"rank": r})
+        print("rank sweeps done", flush=True)
+    except KeyboardInterrupt:
+        # Ctrl-C or `timeout -s INT`: keep and report what was measured so far.
+        interrupted = True
+        print("interrupted: writing the rows measured so far", flush=True)
 
-    lin_ranks = [8, 32] if quick else [8, 32, 128, 512]
-    n_r, b_r = (256, 32) if quick else (1024, 256)
-    for r in lin_ranks:
-        layers = linear_layers(n_r, b_r, r, device)
-        layers = {k: v for k, v in layers.items() if k.startswith(("nn.", "CP", "tltorch"))}
-        times = time_layers(layers, torch.randn(b_r, n_r, device=device), device, rounds, min_run)
-        rows += rows_for("rank-linear", f"{n_r}x{n_r} b{b_r}", layers, times, peak, {"rank": r})
-    c_r, hw_r = (16, 16) if quick else (64, 32)
-    conv_ranks = [4, 8] if quick else [8, 32, 128]
-    for r in conv_ranks:
-        layers = conv_layers(c_r, 3, hw_r, conv_batch, r, device)
-        x = torch.randn(conv_batch, c_r, hw_r, hw_r, device=device)
-        times = time_layers(layers, x, device, rounds, min_run)
-        cfg = f"{c_r}ch 3x3 {hw_r}x{hw_r} b{conv_batch}"
-        rows += rows_for("rank-conv", cfg, layers, times, peak, {"rank": r})
-    print("rank sweeps done", flush=True)
-
-    if memory and not device.startswith("cuda"):
+    if memory and not interrupted and not device.startswith("cuda"):
         mem_lin = [(1024, 32)] if quick else [(1024, 256), (4096, 256)]
         for r in rows:
             spec = None
@@ -349,7 +360,9 @@ def run(device: str, quick: bool, memory: bool, plots: bool, out_dir: Path = RES
     env = environment(device)
     env["dense mm GFLOP/s (ceiling)"] = round(peak, 1)
     env["FastKron"] = "installed" if _fastkron is not None else "not installed"
-    env["mode"] = "quick" if quick else "full"
+    env["mode"] = ("quick" if quick else "full") + (
+        " (interrupted, partial)" if interrupted else ""
+    )
     cols = [
         "config",
         "layer",

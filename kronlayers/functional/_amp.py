@@ -28,10 +28,19 @@ import torch
 __all__ = ["apply_autocast"]
 
 
+# Device types autocast knows, found once at import: the queries below raise for others
+# (e.g. "meta"), and torch.amp.is_autocast_available itself cannot be traced by Dynamo in
+# torch < 2.13 (a graph break, so fullgraph compilation failed on CUDA with torch 2.11).
+_AUTOCAST_DEVICE_TYPES = frozenset(
+    d
+    for d in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "privateuseone")
+    if torch.amp.is_autocast_available(d)
+)
+
+
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype for ``device_type``, or ``None`` when autocast is off there."""
-    # Devices autocast does not know (e.g. "meta") would make the queries below raise.
-    if not torch.amp.is_autocast_available(device_type):
+    if device_type not in _AUTOCAST_DEVICE_TYPES:
         return None
     if not torch.is_autocast_enabled(device_type):
         return None
