@@ -67,6 +67,18 @@ class _FastKronLinear(nn.Module):
         return _fastkron.gemkm(x, [p.view_as(p) for p in self.fs])
 
 
+def tltorch_usable() -> bool:
+    """Whether TensorLy-Torch's CP layers can be timed safely here.
+
+    Its factorized CP forward is one ``torch.einsum`` over all factors; without
+    ``opt_einsum`` torch contracts it left to right through an intermediate of
+    ``N * in * R * out`` entries (tens of GB for a 1024 x 1024 layer: the process gets
+    killed). ``benchmarks/bench_cp_linear.py`` measures that case with a size guard; the
+    suite leaves tltorch out instead.
+    """
+    return torch.backends.opt_einsum.is_available() and torch.backends.opt_einsum.enabled
+
+
 def linear_layers(n: int, batch: int, rank: int, device: str) -> dict[str, tuple]:
     """name -> (module, params, forward FLOPs) for an n x n linear layer at ``batch`` rows."""
     torch.manual_seed(0)
@@ -80,8 +92,9 @@ def linear_layers(n: int, batch: int, rank: int, device: str) -> dict[str, tuple
         "nn.Linear": (dense, n * n, 2 * batch * n * n),
         "KroneckerLinear": (kron, kron.num_factor_parameters(), kron_flops),
         f"CPLinear r={rank}": (cp, _weights(cp), cp_flops),
-        f"tltorch CP r={rank}": (cp.to_tltorch().to(device), _weights(cp), cp_flops),
     }
+    if tltorch_usable():
+        layers[f"tltorch CP r={rank}"] = (cp.to_tltorch().to(device), _weights(cp), cp_flops)
     if _fastkron is not None:
         layers["FastKron"] = (_FastKronLinear(kron), kron.num_factor_parameters(), kron_flops)
     return layers
@@ -94,11 +107,13 @@ def conv_layers(c: int, k: int, hw: int, batch: int, rank: int, device: str) -> 
     dense = nn.Conv2d(c, c, k, padding=pad, bias=False, device=device)
     cp = CPConv2d(c, c, k, padding=pad, bias=False, rank=rank, device=device)
     flops = cp_conv2d_flops(c, c, k, rank, (hw, hw), batch, padding=pad)
-    return {
+    layers = {
         "nn.Conv2d": (dense, c * c * k * k, 2 * batch * c * c * k * k * hw * hw),
         f"CPConv2d r={rank}": (cp, _weights(cp), flops),
-        f"tltorch CP r={rank}": (cp.to_tltorch().to(device), _weights(cp), flops),
     }
+    if tltorch_usable():
+        layers[f"tltorch CP r={rank}"] = (cp.to_tltorch().to(device), _weights(cp), flops)
+    return layers
 
 
 def _weights(module: nn.Module) -> int:
@@ -360,6 +375,9 @@ def run(device: str, quick: bool, memory: bool, plots: bool, out_dir: Path = RES
     env = environment(device)
     env["dense mm GFLOP/s (ceiling)"] = round(peak, 1)
     env["FastKron"] = "installed" if _fastkron is not None else "not installed"
+    env["TensorLy-Torch rows"] = (
+        "yes (opt_einsum available)" if tltorch_usable() else "no: opt_einsum is not installed"
+    )
     env["mode"] = ("quick" if quick else "full") + (
         " (interrupted, partial)" if interrupted else ""
     )
