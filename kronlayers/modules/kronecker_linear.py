@@ -131,6 +131,7 @@ class KroneckerLinear(nn.Module):
         return list(self.factors)
 
     def reset_parameters(self) -> None:
+        """Re-draw the factors (dense-weight variance of ``nn.Linear``) and the bias."""
         d = self.num_factors
         # Var(W_ij) = R * prod_k Var(F_k) for independent zero-mean factors; nn.Linear's
         # default kaiming_uniform(a=sqrt(5)) gives Var(W_ij) = 1 / (3 * in_features).
