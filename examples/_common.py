@@ -789,3 +789,61 @@ def report_variants(
     )
     paths["png"] = plot_training(Path(args.out_dir) / f"{stem}.png", results, f"{title} — {cap}")
     return table + "\n\n" + cap, paths
+
+
+def run_variant_study(
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    variants: dict[str, tuple[str, Callable[[], nn.Module]]],
+    *,
+    layers: Sequence[str],
+    script: str,
+    stem: str,
+    title: str,
+) -> list[VariantResult]:
+    """Train every requested variant in turn and write the reports after each one.
+
+    Args:
+        variants: name -> ``(description, build)``, ``build()`` returning a fresh model.
+        layers: attribute names of the model's layers whose weight counts become extra
+            columns ``<layer>_weights`` of the table.
+
+    Returns:
+        One result per variant, in the order run.
+    """
+    started = time.perf_counter()
+    data = load_data(args)
+    print(
+        f"MNIST: {len(data.train_y):,} training / {len(data.test_y):,} test images; "
+        f"device {args.device_obj}; {args.epochs} epoch(s); variants: {', '.join(args.variants)}",
+        flush=True,
+    )
+    results: list[VariantResult] = []
+
+    def report(final: bool) -> tuple[str, dict]:
+        return report_variants(
+            args,
+            argv,
+            started,
+            data,
+            results,
+            script=script,
+            stem=stem,
+            title=title,
+            extra_columns=tuple((f"{layer}_weights", layer) for layer in layers),
+            final=final,
+        )
+
+    for name in args.variants:
+        description, build = variants[name]
+        result, model = train_variant(name, description, build, data, args)
+        for layer in layers:
+            result.extra[f"{layer}_weights"] = count_weights(getattr(model, layer))
+        results.append(result)
+        if len(results) < len(args.variants):
+            report(final=False)
+
+    text, paths = report(final=True)
+    print_table(text)
+    print("wrote " + ", ".join(str(p) for p in paths.values() if p is not None), flush=True)
+    return results

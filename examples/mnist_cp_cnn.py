@@ -28,7 +28,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable, Sequence
 
 import _common
@@ -156,42 +155,15 @@ def main(argv: Sequence[str] | None = None) -> list[_common.VariantResult]:
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[_common.VariantResult]:
-    started = time.perf_counter()
-    data = _common.load_data(args)
-    print(
-        f"MNIST: {len(data.train_y):,} training / {len(data.test_y):,} test images; "
-        f"device {args.device_obj}; {args.epochs} epoch(s); variants: {', '.join(args.variants)}",
-        flush=True,
+    return _common.run_variant_study(
+        args,
+        argv,
+        VARIANTS,
+        layers=LAYERS,
+        script="mnist_cp_cnn.py",
+        stem="mnist_cp_cnn",
+        title="CP / Kronecker CNN on MNIST",
     )
-    results: list[_common.VariantResult] = []
-
-    def report(final: bool) -> tuple[str, dict]:
-        return _common.report_variants(
-            args,
-            argv,
-            started,
-            data,
-            results,
-            script="mnist_cp_cnn.py",
-            stem="mnist_cp_cnn",
-            title="CP / Kronecker CNN on MNIST",
-            extra_columns=tuple((f"{layer}_weights", layer) for layer in LAYERS),
-            final=final,
-        )
-
-    for name in args.variants:
-        description, build = VARIANTS[name]
-        result, model = _common.train_variant(name, description, build, data, args)
-        for layer in LAYERS:
-            result.extra[f"{layer}_weights"] = _common.count_weights(getattr(model, layer))
-        results.append(result)
-        if len(results) < len(args.variants):
-            report(final=False)
-
-    text, paths = report(final=True)
-    _common.print_table(text)
-    print("wrote " + ", ".join(str(p) for p in paths.values() if p is not None), flush=True)
-    return results
 
 
 if __name__ == "__main__":

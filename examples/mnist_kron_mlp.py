@@ -34,7 +34,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable, Sequence
 
 import _common
@@ -152,42 +151,15 @@ def main(argv: Sequence[str] | None = None) -> list[_common.VariantResult]:
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[_common.VariantResult]:
-    started = time.perf_counter()
-    data = _common.load_data(args)
-    print(
-        f"MNIST: {len(data.train_y):,} training / {len(data.test_y):,} test images; "
-        f"device {args.device_obj}; {args.epochs} epoch(s); variants: {', '.join(args.variants)}",
-        flush=True,
+    return _common.run_variant_study(
+        args,
+        argv,
+        VARIANTS,
+        layers=("fc1", "fc2"),
+        script="mnist_kron_mlp.py",
+        stem="mnist_kron_mlp",
+        title="Kronecker / CP MLP on MNIST",
     )
-    results: list[_common.VariantResult] = []
-
-    def report(final: bool) -> tuple[str, dict]:
-        return _common.report_variants(
-            args,
-            argv,
-            started,
-            data,
-            results,
-            script="mnist_kron_mlp.py",
-            stem="mnist_kron_mlp",
-            title="Kronecker / CP MLP on MNIST",
-            extra_columns=(("fc1_weights", "fc1"), ("fc2_weights", "fc2")),
-            final=final,
-        )
-
-    for name in args.variants:
-        description, build = VARIANTS[name]
-        result, model = _common.train_variant(name, description, build, data, args)
-        result.extra["fc1_weights"] = _common.count_weights(model.fc1)
-        result.extra["fc2_weights"] = _common.count_weights(model.fc2)
-        results.append(result)
-        if len(results) < len(args.variants):
-            report(final=False)
-
-    text, paths = report(final=True)
-    _common.print_table(text)
-    print("wrote " + ", ".join(str(p) for p in paths.values() if p is not None), flush=True)
-    return results
 
 
 if __name__ == "__main__":
