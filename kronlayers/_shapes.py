@@ -92,6 +92,27 @@ def check_rank(rank: int) -> int:
     return rank
 
 
+def check_linear_args(
+    input: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    out_features: int,
+    source: str,
+) -> None:
+    """Check a linear map's ``input`` ``(*, in_features)`` and ``bias`` ``(out_features,)``.
+
+    ``source`` says where ``in_features`` comes from, for the error message.
+    """
+    if input.dim() == 0 or input.shape[-1] != in_features:
+        raise ValueError(
+            f"input must have shape (*, {in_features}) ({source}), got {tuple(input.shape)}"
+        )
+    if bias is not None:
+        check_tensor("bias", bias)
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+
+
 def check_tensor(name: str, value: object) -> torch.Tensor:
     """Raise a TypeError naming the argument when ``value`` is not a tensor."""
     if not isinstance(value, torch.Tensor):

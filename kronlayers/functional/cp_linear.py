@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .._shapes import check_tensor, prod
-from ._amp import apply_autocast
+from .._shapes import check_linear_args, check_tensor, prod
+from ._amp import _autocast_dtype, apply_autocast
 
 __all__ = ["CPLinearFunction", "check_cp_factors", "cp_linear", "cp_linear_flops"]
 
@@ -458,16 +458,13 @@ def cp_linear(
             f"in_factors and out_factors must share the rank (dim 1): in_factors have {rank}, "
             f"out_factors have {out_rank}"
         )
-    in_features, out_features = prod(in_shape), prod(out_shape)
-    if input.dim() == 0 or input.shape[-1] != in_features:
-        raise ValueError(
-            f"input must have shape (*, {in_features}) (the product of the in_factors' sizes "
-            f"{in_shape}), got {tuple(input.shape)}"
-        )
-    if bias is not None:
-        check_tensor("bias", bias)
-        if tuple(bias.shape) != (out_features,):
-            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    check_linear_args(
+        input,
+        bias,
+        prod(in_shape),
+        prod(out_shape),
+        f"the product of the in_factors' sizes {in_shape}",
+    )
     factors = [*in_factors, *out_factors]
     named = [(f"in_factors[{k}]", f) for k, f in enumerate(in_factors)]
     named += [(f"out_factors[{k}]", f) for k, f in enumerate(out_factors)]
@@ -475,15 +472,13 @@ def cp_linear(
         named.append(("bias", bias))
     # Under autocast apply_autocast casts every argument to one dtype, so only the device
     # has to match there.
-    autocast = torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(
-        input.device.type
-    )
+    autocast = _autocast_dtype(input.device.type) is not None
     for name, t in named:
         if t.device != input.device or (t.dtype != input.dtype and not autocast):
             raise TypeError(
                 f"{name} has dtype {t.dtype} on {t.device}, but input has dtype {input.dtype} "
                 f"on {input.device}; they must match"
             )
-    n = input.numel() // in_features
+    n = input.numel() // prod(in_shape)
     plan = make_plan(in_shape, out_shape, rank, n, strategy)
     return apply_autocast(CPLinearFunction, input, bias, plan, *factors)[0]

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._shapes import check_tensor, prod
+from .._shapes import check_linear_args, check_tensor, prod
 from ._amp import apply_autocast
 from ._kron_engine import MAX_FACTORS, contract_modes, contraction_order, order_cost
 
@@ -196,16 +196,13 @@ def kronecker_linear(
     """
     check_tensor("input", input)
     in_shape, out_shape = check_kron_factors(factors)
-    in_features, out_features = prod(in_shape), prod(out_shape)
-    if input.dim() == 0 or input.shape[-1] != in_features:
-        raise ValueError(
-            f"input must have shape (*, {in_features}) (the product of the factors' in sizes "
-            f"{in_shape}), got {tuple(input.shape)}"
-        )
-    if bias is not None:
-        check_tensor("bias", bias)
-        if tuple(bias.shape) != (out_features,):
-            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    check_linear_args(
+        input,
+        bias,
+        prod(in_shape),
+        prod(out_shape),
+        f"the product of the factors' in sizes {in_shape}",
+    )
     return apply_autocast(KroneckerLinearFunction, input, bias, *factors)
 
 
