@@ -196,29 +196,15 @@ def _peer_of(name: str, layers: dict) -> str | None:
 def _memory_child(spec: dict) -> None:
     """Run in a fresh interpreter: build one layer, report max-RSS growth of a fwd+bwd."""
     torch.set_num_threads(spec["threads"])
-    # Build only the measured layer: ru_maxrss is a high-water mark, so anything larger
-    # allocated before (the dense weight, say) would hide the forward+backward peak.
-    torch.manual_seed(0)
-    name, rank = spec["layer"], spec["rank"]
     if spec["kind"] == "linear":
-        n = spec["n"]
-        shape = balanced_factorization(n, 2)
-        if name == "nn.Linear":
-            module = nn.Linear(n, n, bias=False)
-        elif name == "KroneckerLinear":
-            module = KroneckerLinear(n, n, bias=False, in_shape=shape, out_shape=shape)
-        else:
-            module = CPLinear(n, n, bias=False, rank=rank, in_shape=shape, out_shape=shape)
-        x = torch.randn(spec["batch"], n)
+        layers = linear_layers(spec["n"], spec["batch"], spec["rank"], "cpu")
+        x = torch.randn(spec["batch"], spec["n"])
     else:
-        c, k = spec["c"], spec["k"]
-        if name == "nn.Conv2d":
-            module = nn.Conv2d(c, c, k, padding=k // 2, bias=False)
-        else:
-            module = CPConv2d(c, c, k, padding=k // 2, bias=False, rank=rank)
-        x = torch.randn(spec["batch"], c, spec["hw"], spec["hw"])
-    if name.startswith("tltorch"):
-        module = module.to_tltorch()
+        layers = conv_layers(spec["c"], spec["k"], spec["hw"], spec["batch"], spec["rank"], "cpu")
+        x = torch.randn(spec["batch"], spec["c"], spec["hw"], spec["hw"])
+    # The other layers are freed before the peak is reset below, so they do not count.
+    module = layers.pop(spec["layer"])[0]
+    del layers
     x.requires_grad_()
     # A first pass allocates the libraries' lazy workspaces; measure the second, with the
     # gradients freed again so that they are allocated inside the measured pass.
@@ -232,7 +218,7 @@ def _memory_child(spec: dict) -> None:
         before = _proc_status_kib("VmRSS")
         module(x).sum().backward()
         after = _proc_status_kib("VmHWM")
-    except OSError:  # no procfs: fall back to the (never reset) high-water mark
+    except OSError:  # no procfs: the never-reset high-water mark, which set-up may hide
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         module(x).sum().backward()
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
