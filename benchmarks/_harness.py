@@ -40,7 +40,11 @@ def interleaved_medians(
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
         for name, fn in cases.items():
-            timer = tbench.Timer(stmt="fn()", globals={"fn": fn})
+            # Timer runs at 1 thread unless told: time at the process' setting, which the
+            # report prints (torch.set_num_threads / --threads).
+            timer = tbench.Timer(
+                stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+            )
             samples[name].append(timer.blocked_autorange(min_run_time=min_run_time).median)
     return {name: statistics.median(v) for name, v in samples.items()}
 

@@ -7,9 +7,13 @@ interleaved round by round (``benchmarks._harness``), forward (under ``no_grad``
 forward+backward, and compared with the dense layer and the peer a user would pick instead:
 
 - ``nn.Linear`` / ``nn.Conv2d``: the dense layers;
-- ``KroneckerLinear`` vs FastKron (``pyfastkron``, optional, install with ``--no-deps``);
-- ``CPLinear`` / ``CPConv2d`` vs TensorLy-Torch's ``FactorizedLinear`` / ``FactorizedConv``
-  (``factorization='cp'``, ``implementation='factorized'``) holding the same factors.
+- every layer of :mod:`kronlayers.registry` that replaces them, built with ``Layer.like`` at
+  its ``typical_rank`` (or the swept rank) and the configuration ``compress_config`` picks;
+- peers holding the same factors: TensorLy-Torch's ``FactorizedLinear`` / ``FactorizedConv``
+  (``implementation='factorized'``) for every layer with a ``to_tltorch``, and FastKron
+  (``pyfastkron``, optional, install with ``--no-deps``) for the ``kronecker`` method.
+
+A new registered layer gets its rows (and its TensorLy-Torch peer) without editing this file.
 
 FLOPs are analytic forward FLOPs (2 per multiply-add) of each kernel; "% peak" divides the
 achieved forward GFLOP/s by the machine's dense-matmul GFLOP/s measured in the same run.
@@ -40,9 +44,8 @@ from benchmarks._harness import (
     markdown_table,
     peak_cuda_memory,
 )
-from kronlayers import CPConv2d, CPLinear, KroneckerLinear
-from kronlayers._shapes import balanced_factorization
-from kronlayers.functional import cp_conv2d_flops, cp_linear_flops, kronecker_linear_flops
+from kronlayers.modules import NotCompressible
+from kronlayers.registry import registered_layers
 
 try:  # optional peer
     from pyfastkron import fastkrontorch as _fastkron
@@ -54,9 +57,9 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 
 class _FastKronLinear(nn.Module):
-    """FastKron's X @ (G_1 ⊗ G_2) with the factors of a KroneckerLinear (G_k = F_k^T)."""
+    """FastKron's X @ (G_1 ⊗ G_2) with the factors of a rank-1 Kronecker layer (G_k = F_k^T)."""
 
-    def __init__(self, layer: KroneckerLinear) -> None:
+    def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.fs = nn.ParameterList(
             [nn.Parameter(f[0].detach().T.contiguous()) for f in layer.factors]
@@ -68,7 +71,7 @@ class _FastKronLinear(nn.Module):
 
 
 def tltorch_usable() -> bool:
-    """Whether TensorLy-Torch's CP layers can be timed safely here.
+    """Whether TensorLy-Torch's factorized layers can be timed safely here.
 
     Its factorized CP forward is one ``torch.einsum`` over all factors; without
     ``opt_einsum`` torch contracts it left to right through an intermediate of
@@ -79,45 +82,70 @@ def tltorch_usable() -> bool:
     return torch.backends.opt_einsum.is_available() and torch.backends.opt_einsum.enabled
 
 
-def linear_layers(n: int, batch: int, rank: int, device: str) -> dict[str, tuple]:
+def _rank_text(rank: object) -> str:
+    return str(rank).replace(" ", "")
+
+
+def factorized_layers(
+    dense: nn.Module, batch_flops: tuple[int, ...], rank: object | None, device: str
+) -> dict[str, tuple]:
+    """name -> (module, weights, forward FLOPs) for ``dense`` and every registered layer that
+    replaces it (at its ``typical_rank``, or ``rank``), plus the peers; ``batch_flops`` is the
+    input shape the FLOPs are counted for. Layers for which no configuration at that rank is
+    smaller than ``dense`` are left out."""
+    torch.manual_seed(0)
+    layers = {
+        f"nn.{type(dense).__name__}": (
+            dense,
+            dense.weight.numel(),
+            _dense_flops(dense, batch_flops),
+        )
+    }
+    for cls in registered_layers():
+        if not isinstance(dense, cls.dense_type):
+            continue
+        r = cls.typical_rank(dense) if rank is None else rank
+        try:
+            options = cls.compress_config(dense, r)
+        except NotCompressible:
+            continue
+        layer = cls.like(dense, device=device, **options)
+        name = f"{cls.__name__} r={_rank_text(layer.rank)}"
+        flops = layer.flops(batch_flops)
+        layers[name] = (layer, layer.num_weights(), flops)
+        if hasattr(layer, "to_tltorch") and tltorch_usable():
+            try:
+                peer = layer.to_tltorch().to(device)
+            except ValueError:  # a configuration TensorLy-Torch cannot express
+                peer = None
+            if peer is not None:
+                peer_name = f"tltorch {cls.method} r={_rank_text(layer.rank)}"
+                layers[peer_name] = (peer, layer.num_weights(), flops)
+        if cls.method == "kronecker" and _fastkron is not None and layer.rank == 1:
+            layers["FastKron"] = (_FastKronLinear(layer), layer.num_weights(), flops)
+    return layers
+
+
+def _dense_flops(dense: nn.Module, shape: tuple[int, ...]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        dense(torch.zeros(shape, device=dense.weight.device))
+    return counter.get_total_flops()
+
+
+def linear_layers(n: int, batch: int, rank: object | None, device: str) -> dict[str, tuple]:
     """name -> (module, params, forward FLOPs) for an n x n linear layer at ``batch`` rows."""
     torch.manual_seed(0)
-    shape = balanced_factorization(n, 2)
     dense = nn.Linear(n, n, bias=False, device=device)
-    kron = KroneckerLinear(n, n, bias=False, in_shape=shape, out_shape=shape, device=device)
-    cp = CPLinear(n, n, bias=False, rank=rank, in_shape=shape, out_shape=shape, device=device)
-    kron_flops = kronecker_linear_flops(shape, shape, 1, batch)
-    cp_flops = cp_linear_flops(shape, shape, rank, batch)
-    layers = {
-        "nn.Linear": (dense, n * n, 2 * batch * n * n),
-        "KroneckerLinear": (kron, kron.num_factor_parameters(), kron_flops),
-        f"CPLinear r={rank}": (cp, _weights(cp), cp_flops),
-    }
-    if tltorch_usable():
-        layers[f"tltorch CP r={rank}"] = (cp.to_tltorch().to(device), _weights(cp), cp_flops)
-    if _fastkron is not None:
-        layers["FastKron"] = (_FastKronLinear(kron), kron.num_factor_parameters(), kron_flops)
-    return layers
+    return factorized_layers(dense, (batch, n), rank, device)
 
 
-def conv_layers(c: int, k: int, hw: int, batch: int, rank: int, device: str) -> dict:
+def conv_layers(c: int, k: int, hw: int, batch: int, rank: object | None, device: str) -> dict:
     """name -> (module, params, forward FLOPs) for a c -> c k x k 'same' convolution."""
     torch.manual_seed(0)
-    pad = k // 2
-    dense = nn.Conv2d(c, c, k, padding=pad, bias=False, device=device)
-    cp = CPConv2d(c, c, k, padding=pad, bias=False, rank=rank, device=device)
-    flops = cp_conv2d_flops(c, c, k, rank, (hw, hw), batch, padding=pad)
-    layers = {
-        "nn.Conv2d": (dense, c * c * k * k, 2 * batch * c * c * k * k * hw * hw),
-        f"CPConv2d r={rank}": (cp, _weights(cp), flops),
-    }
-    if tltorch_usable():
-        layers[f"tltorch CP r={rank}"] = (cp.to_tltorch().to(device), _weights(cp), flops)
-    return layers
-
-
-def _weights(module: nn.Module) -> int:
-    return sum(p.numel() for name, p in module.named_parameters() if not name.endswith("bias"))
+    dense = nn.Conv2d(c, c, k, padding=k // 2, bias=False, device=device)
+    return factorized_layers(dense, (batch, c, hw, hw), rank, device)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -173,6 +201,7 @@ def rows_for(
             "fwd+bwd/dense": t["fwdbwd"] / times[dense_name]["fwdbwd"],
             "fwd+bwd/peer": (t["fwdbwd"] / times[peer]["fwdbwd"]) if peer else "",
             "GFLOP/s": flops / t["fwd"] / 1e9,
+            "flop ratio": flops / layers[dense_name][2],
             "% peak": 100 * flops / t["fwd"] / 1e9 / peak,
             **(extra or {}),
         }
@@ -183,11 +212,108 @@ def rows_for(
 
 
 def _peer_of(name: str, layers: dict) -> str | None:
-    if name.startswith(("CPLinear", "CPConv2d")):
-        return next((n for n in layers if n.startswith("tltorch")), None)
-    if name == "KroneckerLinear":
-        return "FastKron" if "FastKron" in layers else None
-    return None
+    """The peer row of a kronlayers row: FastKron for a rank-1 Kronecker layer, else the
+    TensorLy-Torch layer built from it (the row added right after it)."""
+    names = list(layers)
+    if name.startswith(("nn.", "tltorch", "FastKron")):
+        return None
+    if "FastKron" in layers and layers[name][0].__class__.method == "kronecker":
+        return "FastKron"
+    nxt = names.index(name) + 1
+    return names[nxt] if nxt < len(names) and names[nxt].startswith("tltorch") else None
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def _pick(layers: dict, prefix: str) -> str | None:
+    return next((n for n in layers if n.startswith(prefix)), None)
+
+
+def target_rows(device: str, quick: bool, rounds: int, min_run: float, peak: float) -> list:
+    """Rows of the configurations the performance targets name, measured in this run."""
+    torch.manual_seed(0)
+    rows: list[dict] = []
+    n_big = 1024 if quick else 4096
+    specs = [
+        ("tiny", linear_layers(256, 1, None, device), (1, 256)),
+        ("kron-big", linear_layers(n_big, 256, 1, device), (256, n_big)),
+        ("cp-1024-r64", linear_layers(1024, 256, 64, device), (256, 1024)),
+    ]
+    c, hw, b = (16, 16, 4) if quick else (64, 32, 32)
+    specs.append(("conv-r32", conv_layers(c, 3, hw, b, max(4, c // 2), device), (b, c, hw, hw)))
+    for tag, layers, shape in specs:
+        x = torch.randn(shape, device=device)
+        times = time_layers(layers, x, device, rounds, min_run)
+        cfg = "x".join(map(str, shape))
+        rows += rows_for("targets", f"{tag} {cfg}", layers, times, peak, {"tag": tag})
+    return rows
+
+
+def target_table(target: list[dict], grid: list[dict]) -> list[dict]:
+    """Each target, the measured figure, met or not (ratios from the same run)."""
+    out: list[dict] = []
+
+    def add(name: str, figure: float | None, goal: float, note: str = "") -> None:
+        met = "n/a" if figure is None else ("yes" if figure <= goal else "no")
+        fig = "not measured" if figure is None else f"{figure:.3g}"
+        out.append({"target": name, "figure": fig, "goal": f"<= {goal:g}", "met": met, "": note})
+
+    def rows_of(tag: str) -> list[dict]:
+        return [r for r in target if r.get("tag") == tag]
+
+    for r in rows_of("tiny"):
+        if r["layer"].startswith(("nn.", "tltorch", "FastKron")):
+            continue
+        add(f"{r['layer']} 256x256 batch 1, fwd / nn.Linear", r["fwd/dense"], 2.0)
+        add(f"{r['layer']} 256x256 batch 1, fwd+bwd / nn.Linear", r["fwd+bwd/dense"], 2.0)
+    kron = next((r for r in rows_of("kron-big") if r["layer"].startswith("Kronecker")), None)
+    if kron is not None:
+        add(f"{kron['config']} {kron['layer']} fwd / dense", kron["fwd/dense"], 0.04)
+        fk = next((r for r in rows_of("kron-big") if r["layer"] == "FastKron"), None)
+        figure = kron["fwd+bwd ms"] / fk["fwd+bwd ms"] if fk else None
+        add(
+            f"{kron['config']} {kron['layer']} fwd+bwd / FastKron",
+            figure,
+            1.0,
+            "" if fk else "pyfastkron not installed",
+        )
+    for tag, prefix, peer, goal in (
+        ("cp-1024-r64", "CPLinear", "tltorch cp", 0.5),
+        ("conv-r32", "CPConv2d", "tltorch cp", 0.33),
+        ("conv-r32", "TuckerConv2d", "tltorch tucker", 1.0),
+    ):
+        sel = rows_of(tag)
+        ours = next((r for r in sel if r["layer"].startswith(prefix)), None)
+        theirs = next((r for r in sel if r["layer"].startswith(peer)), None)
+        if ours is None:
+            continue
+        figure = ours["fwd+bwd ms"] / theirs["fwd+bwd ms"] if theirs else None
+        add(f"{ours['config']} {ours['layer']} fwd+bwd / {peer}", figure, goal)
+    ours = [r for r in grid + target if not r["layer"].startswith(("nn.", "tltorch", "FastKron"))]
+    cheap = [r for r in ours if r.get("flop ratio", 1.0) <= 0.25]
+    for key in ("fwd/dense", "fwd+bwd/dense"):
+        if cheap:
+            worst = max(cheap, key=lambda r: r[key])
+            add(
+                f"worst {key} where FLOPs <= 1/4 dense",
+                worst[key],
+                1.0,
+                f"{worst['config']} {worst['layer']}",
+            )
+        if ours:
+            worst = max(ours, key=lambda r: r[key])
+            add(f"worst {key} anywhere", worst[key], 1.5, f"{worst['config']} {worst['layer']}")
+    out.append(
+        {
+            "target": "ks_project_diag / kron_sum_diag",
+            "figure": "see kron_sum_cpu.md",
+            "goal": "<= 0.5x stride trick; <= 1.2x fill",
+            "met": "see there",
+            "": "python -m benchmarks.bench_kron_sum",
+        }
+    )
+    return out
 
 
 # ----------------------------------------------------------------------------- memory (CPU)
@@ -277,7 +403,7 @@ def plot(rows: list[dict], device: str, out_dir: Path) -> list[Path]:
                 pts = [(r["rank"], r["fwd+bwd ms"]) for r in sel if _family(r["layer"]) == layer]
                 ax.plot(*zip(*pts, strict=True), marker="o", label=layer)
             cfg = sel[0]["config"] if sel else ""
-            ax.set(xscale="log", yscale="log", xlabel="CP rank", ylabel="fwd+bwd ms")
+            ax.set(xscale="log", yscale="log", xlabel="rank", ylabel="fwd+bwd ms")
             ax.set_title(f"{group}: {cfg}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
@@ -332,12 +458,14 @@ def run(device: str, quick: bool, memory: bool, plots: bool, out_dir: Path = RES
     )
     conv_batch = 2 if quick else 8
     rows: list[dict] = []
+    targets: list[dict] = []
     interrupted = False
     try:
+        targets = target_rows(device, quick, rounds, min_run, peak)
+        print("target configurations done", flush=True)
         for n in lin_sizes:
             for b in batches:
-                rank = max(1, n // 16)
-                layers = linear_layers(n, b, rank, device)
+                layers = linear_layers(n, b, None, device)
                 x = torch.randn(b, n, device=device)
                 times = time_layers(layers, x, device, rounds, min_run)
                 rows += rows_for(
@@ -346,8 +474,7 @@ def run(device: str, quick: bool, memory: bool, plots: bool, out_dir: Path = RES
                 print(f"linear {n} batch {b} done", flush=True)
 
         for c, k, hw in conv_cfgs:
-            rank = max(4, c // 4)
-            layers = conv_layers(c, k, hw, conv_batch, rank, device)
+            layers = conv_layers(c, k, hw, conv_batch, None, device)
             x = torch.randn(conv_batch, c, hw, hw, device=device)
             times = time_layers(layers, x, device, rounds, min_run)
             cfg = f"{c}ch {k}x{k} {hw}x{hw} b{conv_batch}"
@@ -358,7 +485,6 @@ def run(device: str, quick: bool, memory: bool, plots: bool, out_dir: Path = RES
         n_r, b_r = (256, 32) if quick else (1024, 256)
         for r in lin_ranks:
             layers = linear_layers(n_r, b_r, r, device)
-            layers = {k: v for k, v in layers.items() if k.startswith(("nn.", "CP", "tltorch"))}
             times = time_layers(
                 layers, torch.randn(b_r, n_r, device=device), device, rounds, min_run
             )
@@ -383,10 +509,10 @@ def run(device: str, quick: bool, memory: bool, plots: bool, out_dir: Path = RES
             spec = None
             if r["group"] == "linear" and (r["n"], r["batch"]) in mem_lin:
                 spec = {"kind": "linear", "n": r["n"], "batch": r["batch"]}
-                spec["rank"] = max(1, r["n"] // 16)
+                spec["rank"] = None
             elif r["group"] == "conv" and r["hw"] == 32 and r["k"] == 3 and r["c"] <= 64:
                 spec = {"kind": "conv", "c": r["c"], "k": 3, "hw": 32, "batch": conv_batch}
-                spec["rank"] = max(4, r["c"] // 4)
+                spec["rank"] = None
             if spec is not None and r["layer"] != "FastKron":
                 r["peak MiB"] = cpu_peak_memory({**spec, "layer": r["layer"]})
         print("memory done", flush=True)
@@ -419,11 +545,18 @@ def run(device: str, quick: bool, memory: bool, plots: bool, out_dir: Path = RES
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = []
     titles = {
-        "linear": "Linear layers (rank of CP = n/16)",
-        "conv": "Conv layers, 'same' padding (rank of CP = C/4)",
-        "rank-linear": "CPLinear vs rank",
-        "rank-conv": "CPConv2d vs rank",
+        "linear": "Linear layers (each layer at its typical_rank)",
+        "conv": "Conv layers, 'same' padding (each layer at its typical_rank)",
+        "rank-linear": "Linear layers vs rank (every registered layer; skipped where not smaller)",
+        "rank-conv": "Conv layers vs rank (every registered layer; skipped where not smaller)",
     }
+    table = target_table(targets, rows)
+    sections.append(
+        "## Targets (performance issue), measured in this run\n\n"
+        + markdown_table(table, ["target", "figure", "goal", "met", ""])
+    )
+    if targets:
+        sections.append("## Target configurations\n\n" + markdown_table(targets, cols))
     for group, title in titles.items():
         sel = [r for r in rows if r["group"] == group]
         if sel:
@@ -435,7 +568,7 @@ def run(device: str, quick: bool, memory: bool, plots: bool, out_dir: Path = RES
     body = (
         f"# kronlayers benchmark suite ({tag})\n\nCommand: `{cmd}`\n\n{header}\n\n"
         "Times are medians of interleaved rounds; ratios < 1 mean faster than the reference "
-        "(dense layer, or the peer: FastKron for KroneckerLinear, TensorLy-Torch for CP). "
+        "(dense layer, or the peer: FastKron for KroneckerLinear, TensorLy-Torch otherwise). "
         "`peak MiB` is the growth of peak memory during one forward+backward.\n\n"
         + "\n\n".join(sections)
         + "\n\n"
@@ -445,7 +578,7 @@ def run(device: str, quick: bool, memory: bool, plots: bool, out_dir: Path = RES
     md = out_dir / f"{name}.md"
     md.write_text(body)
     (out_dir / f"{name}.json").write_text(
-        json.dumps({"env": env, "rows": rows}, indent=1, default=str)
+        json.dumps({"env": env, "targets": table, "rows": targets + rows}, indent=1, default=str)
     )
     return md
 

@@ -1,7 +1,8 @@
-"""Shape helpers shared by every layer: balanced factorizations and argument checks.
+"""Pure shape arithmetic shared by kernels, modules, conversion and summaries.
 
-These live apart from the kernels so that the modules, the functional forms and the
-conversion code all raise the same errors with the same wording.
+Nothing here raises on user input except through :mod:`kronlayers._validation`; these are
+the integer helpers: products, balanced factorizations, convolution padding and output sizes,
+and the einsum letters every kernel draws from.
 """
 
 from __future__ import annotations
@@ -10,14 +11,21 @@ import math
 from collections.abc import Sequence
 from functools import lru_cache
 
-import torch
-
 __all__ = [
+    "LETTERS",
+    "MAX_MODES",
     "balanced_factorization",
-    "check_rank",
-    "check_shape",
+    "conv2d_output_size",
+    "conv2d_padding",
     "prod",
 ]
+
+# One alphabet for every einsum spec in the package. Kernels that need two disjoint sets of
+# mode letters (input and output modes) take the lower- and upper-case halves of it, so the
+# number of modes per side is capped at MAX_MODES everywhere.
+LETTERS = "abcdefghijklm"
+UPPER_LETTERS = LETTERS.upper()
+MAX_MODES = len(LETTERS)
 
 
 def prod(values: Sequence[int]) -> int:
@@ -53,10 +61,10 @@ def balanced_factorization(n: int, d: int = 2) -> tuple[int, ...]:
         n: the number to split, ``n >= 1``.
         d: the number of factors, ``d >= 1``.
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    if not isinstance(d, int) or isinstance(d, bool) or d < 1:
-        raise ValueError(f"d must be a positive int, got {d!r}")
+    from ._validation import check_int
+
+    n = check_int("n", n, minimum=1)
+    d = check_int("d", d, minimum=1)
     candidates = _factorizations(n, d, 1)
 
     def spread(shape: tuple[int, ...]) -> tuple[float, int]:
@@ -67,54 +75,55 @@ def balanced_factorization(n: int, d: int = 2) -> tuple[int, ...]:
     return min(candidates, key=spread)
 
 
-def check_shape(name: str, shape: Sequence[int] | None, total: int, total_name: str) -> tuple:
-    """Validate a tensorized shape: positive ints whose product is ``total``."""
-    if shape is None:
-        raise ValueError(f"{name} must be given")
-    if isinstance(shape, int) or not isinstance(shape, Sequence) or len(shape) == 0:
-        raise TypeError(f"{name} must be a non-empty sequence of ints, got {shape!r}")
-    if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in shape):
-        raise ValueError(f"{name} must contain positive ints, got {tuple(shape)!r}")
-    if prod(shape) != total:
-        raise ValueError(
-            f"{name}={tuple(shape)!r} has product {prod(shape)}, "
-            f"but it must equal {total_name}={total}"
-        )
-    return tuple(int(s) for s in shape)
+def conv2d_padding(
+    padding: object,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int, int, int]:
+    """Resolve a ``padding`` argument to ``(top, bottom, left, right)`` zero padding.
 
-
-def check_rank(rank: int) -> int:
-    """Validate an integer rank (>= 1)."""
-    if not isinstance(rank, int) or isinstance(rank, bool):
-        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
-    return rank
-
-
-def check_linear_args(
-    input: torch.Tensor,
-    bias: torch.Tensor | None,
-    in_features: int,
-    out_features: int,
-    source: str,
-) -> None:
-    """Check a linear map's ``input`` ``(*, in_features)`` and ``bias`` ``(out_features,)``.
-
-    ``source`` says where ``in_features`` comes from, for the error message.
+    Accepts what ``nn.Conv2d`` accepts: an int, an ``(h, w)`` pair, ``'valid'`` (no padding) or
+    ``'same'`` (output size = input size; stride 1 only). For ``'same'`` the total padding
+    ``dilation * (k - 1)`` is split like ``F.conv2d`` does it: the extra element of an odd total
+    (even kernels) goes to the bottom / right. Bad values raise ``ValueError`` / ``TypeError``
+    naming ``padding``.
     """
-    if input.dim() == 0 or input.shape[-1] != in_features:
-        raise ValueError(
-            f"input must have shape (*, {in_features}) ({source}), got {tuple(input.shape)}"
-        )
-    if bias is not None:
-        check_tensor("bias", bias)
-        if tuple(bias.shape) != (out_features,):
-            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    from ._validation import check_pair
+
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(
+                f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}"
+            )
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if stride != (1, 1):
+            raise ValueError(
+                f"padding='same' is not supported for strided convolutions (stride={stride})"
+            )
+        out = []
+        for d, k in zip(dilation, kernel_size, strict=True):
+            total = d * (k - 1)
+            out.extend((total // 2, total - total // 2))
+        return (out[0], out[1], out[2], out[3])
+    ph, pw = check_pair("padding", padding, minimum=0)
+    return (ph, ph, pw, pw)
 
 
-def check_tensor(name: str, value: object) -> torch.Tensor:
-    """Raise a TypeError naming the argument when ``value`` is not a tensor."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    return value
+def conv2d_output_size(
+    size: tuple[int, int],
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int]:
+    """``(H_out, W_out)`` of a convolution with resolved ``(top, bottom, left, right)`` padding.
+
+    ``H_out = floor((H + top + bottom - dilation[0] * (kh - 1) - 1) / stride[0]) + 1``.
+    """
+    h, w = size
+    top, bottom, left, right = padding
+    h_out = (h + top + bottom - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+    w_out = (w + left + right - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+    return (h_out, w_out)

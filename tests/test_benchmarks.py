@@ -12,6 +12,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def data_has_targets(tmp_path) -> bool:
+    data = json.loads((tmp_path / "cpu_quick.json").read_text())
+    names = [t["target"] for t in data["targets"]]
+    return (
+        any("fwd+bwd / tltorch cp" in n for n in names)
+        and any("fwd+bwd / tltorch tucker" in n for n in names)
+        and any(n.startswith("worst fwd+bwd/dense") for n in names)
+        and all(t["met"] in ("yes", "no", "n/a", "see there") for t in data["targets"])
+    )
+
+
 def test_quick_suite_writes_report(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--out-dir", str(tmp_path)],
@@ -22,13 +33,23 @@ def test_quick_suite_writes_report(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     md = (tmp_path / "cpu_quick.md").read_text()
-    for section in ("## Linear layers", "## Conv layers", "CPLinear vs rank", "CPConv2d vs rank"):
+    # The target table comes first, ahead of the grid.
+    assert md.index("## Targets") < md.index("## Linear layers")
+    assert data_has_targets(tmp_path)
+    for section in ("## Linear layers", "## Conv layers", "Linear layers vs rank"):
         assert section in md
+    assert "Conv layers vs rank" in md
     data = json.loads((tmp_path / "cpu_quick.json").read_text())
     rows = data["rows"]
     layers = {r["layer"] for r in rows}
-    assert {"nn.Linear", "KroneckerLinear", "nn.Conv2d"} <= layers
-    assert any(name.startswith("tltorch CP") for name in layers)
+    assert {"nn.Linear", "KroneckerLinear r=1", "nn.Conv2d"} <= layers
+    # Every registered layer gets rows (and its TensorLy-Torch peer) from the registry alone.
+    from kronlayers.registry import registered_layers
+
+    for cls in registered_layers():
+        assert any(name.startswith(cls.__name__ + " ") for name in layers), cls.__name__
+    assert any(name.startswith("tltorch cp") for name in layers)
+    assert any(name.startswith("tltorch tucker") for name in layers)
     assert data["env"]["dense mm GFLOP/s (ceiling)"] > 0
     for r in rows:
         assert r["fwd ms"] > 0 and r["fwd+bwd ms"] > 0

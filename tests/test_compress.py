@@ -46,7 +46,8 @@ def test_exact_kronecker_weights_give_the_same_model():
     assert first.old_params == 24 * 15 + 15
     assert first.new_params == 2 * (3 * 4 + 5 * 6) + 15
     assert first.error < 1e-12
-    assert first.config == "in (4, 6) out (3, 5) rank 2"
+    assert first.config == "in_shape=(4, 6), out_shape=(3, 5), rank=2"
+    assert first.config == model[0].rank_label()
 
 
 def test_report_error_matches_from_linear_and_table():
@@ -102,7 +103,8 @@ def test_ratio_picks_largest_factorization_within_budget(n_in, n_out, ratio):
     assert weights <= ratio * n_in * n_out
     assert weights == brute_force_best(n_in, n_out, ratio)
     assert report[0].new_params == weights + n_out
-    assert f"rank {layer.rank}" in report[0].config
+    assert report[0].config.endswith(f"rank={layer.rank}")
+    assert report[0].config == layer.rank_label()
 
 
 def test_ratio_tie_prefers_balanced_split():
@@ -114,11 +116,26 @@ def test_ratio_tie_prefers_balanced_split():
     assert model[0].rank == 2
 
 
+@pytest.mark.parametrize("method", ["kronecker", "cp"])
+def test_float_rank_is_the_same_as_ratio(method):
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 12))
+
+    by_ratio, report_ratio = compress(model(), method, ratio=0.25)
+    by_rank, report_rank = compress(model(), method, rank=0.25)
+    assert [r.config for r in report_rank] == [r.config for r in report_ratio]
+    assert [r.new_params for r in report_rank] == [r.new_params for r in report_ratio]
+    assert not any(r.skipped for r in report_rank)
+    for a, b in zip(by_rank.state_dict().values(), by_ratio.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_ratio_too_small_is_skipped_with_reason():
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
     _, report = compress(model, ratio=0.01)
     assert all(type(m) is nn.Linear for m in model)
-    assert all(r.skipped and "fits ratio=0.01" in r.reason for r in report)
+    assert all(r.skipped and "fits rank=0.01" in r.reason for r in report)
     assert all(r.error is None and r.new_params == r.old_params for r in report)
     assert "0 converted, 2 skipped" in str(report)
 
@@ -263,9 +280,11 @@ def test_compressed_model_trains():
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        ({"method": "tucker"}, ValueError, "method must be one of"),
+        ({"method": "svd"}, ValueError, "method must be one of"),
         ({"rank": 0}, ValueError, "rank must be >= 1"),
-        ({"rank": 1.5}, TypeError, "rank must be an int"),
+        ({"rank": 1.5}, ValueError, r"rank as a float .* in \(0, 1\], got 1.5"),
+        ({"rank": 0.0}, ValueError, r"rank as a float .* in \(0, 1\], got 0.0"),
+        ({"rank": "2"}, TypeError, "rank must be an int"),
         ({"ratio": 0.0}, ValueError, "ratio must be in"),
         ({"ratio": 1.0}, ValueError, "ratio must be in"),
         ({"ratio": "0.5"}, TypeError, "ratio must be a float"),
@@ -319,9 +338,10 @@ def test_cp_converts_linear_and_conv_exactly():
     conv_rec, lin_rec = report
     assert (conv_rec.kind, conv_rec.new_kind) == ("Conv2d", "CPConv2d")
     assert conv_rec.new_params == 2 * (4 + 3 + 3 + 3) + 4
-    assert conv_rec.config == "kernel (4, 3, 3, 3) rank 2"
+    assert conv_rec.config == "rank=2" == model[0].rank_label()
     assert lin_rec.new_params == 2 * (8 + 8 + 3 + 4) + 12
-    assert lin_rec.config == "in (8, 8) out (3, 4) rank 2"
+    assert lin_rec.config == "in_shape=(8, 8), out_shape=(3, 4), rank=2"
+    assert lin_rec.config == model[3].rank_label()
     assert conv_rec.error < 1e-5 and lin_rec.error < 1e-5
 
 
@@ -330,7 +350,19 @@ def test_cp_ratio_uses_the_float_rank_rule():
     _, report = compress(model, "cp", ratio=0.1)
     expected = cp_rank_from_fraction(0.1, (4, 4, 6, 8))
     assert model[0].rank == expected == round(0.1 * 768 / 22)
-    assert report[0].config.endswith(f"rank {expected}")
+    assert report[0].config.endswith(f"rank={expected}")
+
+
+def test_tucker_converts_only_conv2d():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 16, 10))
+    x = torch.randn(2, 8, 4, 4)
+    _, report = compress(model, "tucker", rank=4)
+    assert [r.name for r in report] == ["0"]
+    assert type(model[0]).__name__ == "TuckerConv2d" and type(model[2]) is nn.Linear
+    assert (report[0].kind, report[0].new_kind) == ("Conv2d", "TuckerConv2d")
+    assert report[0].config == model[0].rank_label()
+    assert report[0].new_params == 8 * 4 + 4 * 4 * 9 + 8 * 4 + 8
+    assert model(x).shape == (2, 10)
 
 
 def test_cp_skips_grouped_and_too_large_layers():

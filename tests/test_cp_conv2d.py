@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -319,6 +320,10 @@ def test_module_attributes_and_repr():
     for part in ("12, 8", "kernel_size=(3, 3)", "stride=(2, 2)", "padding=(1, 1)"):
         assert part in text
     assert f"rank={layer.rank}" in text and "in_shape=(3, 4)" in text and "compression=" in text
+    assert layer.extra_repr() == (
+        "12, 8, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), "
+        f"{layer.rank_label()}, compression={layer.compression_ratio:.1f}x"
+    )
     assert layer.reconstruction_error is None
 
 
@@ -475,39 +480,45 @@ def test_tltorch_errors():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, exc, match",
     [
-        (dict(rank=0), "rank"),
-        (dict(rank=-2), "rank"),
-        (dict(rank=1.5), "rank"),
-        (dict(rank=0.0), "rank"),
-        (dict(rank="4"), "rank"),
-        (dict(rank=2, in_shape=(2, 3)), "in_shape"),
-        (dict(rank=2, out_shape=(3, 3)), "out_shape"),
-        (dict(rank=2, in_shape=4), "in_shape"),
-        (dict(rank=2, in_shape=()), "in_shape"),
-        (dict(rank=2, out_shape=(2, 0, 3)), "out_shape"),
-        (dict(rank=2, kernel_size=0), "kernel_size"),
-        (dict(rank=2, kernel_size=(3, 3, 3)), "kernel_size"),
-        (dict(rank=2, kernel_size=2.5), "kernel_size"),
-        (dict(rank=2, stride=0), "stride"),
-        (dict(rank=2, stride=(1,)), "stride"),
-        (dict(rank=2, stride=(1, 1.0)), "stride"),
-        (dict(rank=2, padding=-1), "padding"),
-        (dict(rank=2, padding=(1, 2, 3)), "padding"),
-        (dict(rank=2, padding="full"), "padding"),
-        (dict(rank=2, padding="same", stride=2), "padding='same'"),
-        (dict(rank=2, dilation=0), "dilation"),
-        (dict(rank=2, dilation=(True, 1)), "dilation"),
-        (dict(rank=2, groups=2), "groups"),
-        (dict(rank=2, padding_mode="mirror"), "padding_mode"),
-        (dict(rank=2, in_channels=0), "in_channels"),
+        (dict(rank=0), ValueError, "rank"),
+        (dict(rank=-2), ValueError, "rank"),
+        (dict(rank=1.5), ValueError, "rank"),
+        (dict(rank=0.0), ValueError, "rank"),
+        (dict(rank="4"), TypeError, "rank"),
+        (dict(rank=2, in_shape=(2, 3)), ValueError, "in_shape"),
+        (dict(rank=2, out_shape=(3, 3)), ValueError, "out_shape"),
+        (dict(rank=2, in_shape=4), TypeError, "in_shape"),
+        (dict(rank=2, in_shape=()), ValueError, "in_shape"),
+        (dict(rank=2, out_shape=(2, 0, 3)), ValueError, "out_shape"),
+        (dict(rank=2, kernel_size=0), ValueError, "kernel_size"),
+        (dict(rank=2, kernel_size=(3, 3, 3)), ValueError, "kernel_size"),
+        (dict(rank=2, kernel_size=2.5), TypeError, "kernel_size"),
+        (dict(rank=2, stride=0), ValueError, "stride"),
+        (dict(rank=2, stride=(1,)), ValueError, "stride"),
+        (dict(rank=2, stride=(1, 1.0)), TypeError, "stride"),
+        (dict(rank=2, padding=-1), ValueError, "padding"),
+        (dict(rank=2, padding=(1, 2, 3)), ValueError, "padding"),
+        (dict(rank=2, padding="full"), ValueError, "padding"),
+        (dict(rank=2, padding="same", stride=2), ValueError, "padding='same'"),
+        (dict(rank=2, dilation=0), ValueError, "dilation"),
+        (dict(rank=2, dilation=(True, 1)), TypeError, "dilation"),
+        (dict(rank=2, groups=2), ValueError, "groups"),
+        (dict(rank=2, padding_mode="mirror"), ValueError, "padding_mode"),
+        (dict(rank=2, in_channels=0), ValueError, "in_channels"),
+        # Wrong Python types are TypeErrors that name the argument.
+        (dict(rank=2, stride="a"), TypeError, "stride must be an int or a pair of ints"),
+        (dict(rank=2, stride=1.5), TypeError, "stride must be an int or a pair of ints"),
+        (dict(rank=2, padding=1.5), TypeError, "padding must be an int or a pair of ints"),
+        (dict(rank=2, in_channels=4.0), TypeError, "in_channels must be an int, got float"),
+        (dict(rank=2, groups=1.0), TypeError, "groups must be an int, got float"),
     ],
 )
-def test_module_errors(kwargs, match):
+def test_module_errors(kwargs, exc, match):
     args = dict(in_channels=4, out_channels=6, kernel_size=3)
     args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(exc, match=match):
         CPConv2d(**args)
 
 
@@ -526,7 +537,7 @@ def test_functional_errors():
         cp_conv2d(x, [torch.randn(3, 2, 1, dtype=F64)], outs, ks)
     with pytest.raises(ValueError, match="bias"):
         cp_conv2d(x, ins, outs, ks, bias=torch.randn(5, dtype=F64))
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(TypeError, match="dtype"):
         cp_conv2d(x.float(), ins, outs, ks)
     with pytest.raises(ValueError, match="stride"):
         cp_conv2d(x, ins, outs, ks, stride=-1)
@@ -545,6 +556,58 @@ def test_functional_errors():
     layer = CPConv2d(4, 4, 3, rank=2)
     with pytest.raises(ValueError, match="input must have shape"):
         layer(torch.randn(1, 3, 6, 6))
+
+
+def test_functional_dtype_device_and_type_errors_name_the_argument():
+    ins, outs, ks = make_factors((3,), (4,), (3, 3), 2, dtype=torch.float32)
+    x = torch.randn(2, 3, 6, 6)
+    f64 = "must have the input's dtype torch.float32, got torch.float64"
+    with pytest.raises(TypeError, match=r"in_factors\[0\] " + f64):
+        cp_conv2d(x, [ins[0].double()], outs, ks)
+    with pytest.raises(TypeError, match=r"out_factors\[0\] " + f64):
+        cp_conv2d(x, ins, [outs[0].double()], ks)
+    with pytest.raises(TypeError, match=r"kernel_factors\[0\] " + f64):
+        cp_conv2d(x, ins, outs, (ks[0].double(), ks[1]))
+    with pytest.raises(TypeError, match="bias " + f64):
+        cp_conv2d(x, ins, outs, ks, torch.randn(4, dtype=F64))
+    meta = "must be on the input's device cpu, got meta"
+    with pytest.raises(ValueError, match=r"kernel_factors\[1\] " + meta):
+        cp_conv2d(x, ins, outs, (ks[0], torch.empty(3, 2, device="meta")))
+    with pytest.raises(ValueError, match="bias " + meta):
+        cp_conv2d(x, ins, outs, ks, torch.empty(4, device="meta"))
+    with pytest.raises(TypeError, match="stride must be an int or a pair of ints, got 'a'"):
+        cp_conv2d(x, ins, outs, ks, stride="a")
+    with pytest.raises(TypeError, match="stride must be an int or a pair of ints, got 1.5"):
+        cp_conv2d(x, ins, outs, ks, stride=1.5)
+    with pytest.raises(TypeError, match="padding must be an int or a pair of ints"):
+        cp_conv2d(x, ins, outs, ks, padding=1.5)
+    with pytest.raises(TypeError, match="kernel_factors must be a pair"):
+        cp_conv2d(x, ins, outs, ks[0])
+    with pytest.raises(ValueError, match="kernel_factors must be a pair"):
+        cp_conv2d(x, ins, outs, (*ks, ks[0]))
+
+
+def test_numpy_ints_are_accepted():
+    layer = CPConv2d(
+        np.int64(4),
+        np.int64(6),
+        np.int64(3),
+        stride=np.int64(2),
+        padding=(np.int64(1), 1),
+        rank=np.int64(2),
+        in_shape=(np.int64(2), 2),
+        dtype=F64,
+    )
+    assert (layer.in_channels, layer.out_channels, layer.rank) == (4, 6, 2)
+    assert layer.kernel_size == (3, 3) and layer.stride == (2, 2) and layer.padding == (1, 1)
+    assert layer.in_shape == (2, 2)
+    ints = (layer.in_channels, layer.out_channels, layer.rank, *layer.kernel_size, *layer.stride)
+    assert all(type(v) is int for v in (*ints, *layer.padding, *layer.in_shape))
+    x = torch.randn(2, 4, 7, 7, dtype=F64)
+    torch.testing.assert_close(layer(x), dense_copy(layer)(x))
+    ins, outs, ks = make_factors((4,), (6,), (3, 3), 2)
+    y = cp_conv2d(x, ins, outs, ks, None, np.int64(2), np.int64(1), (np.int64(1), 1))
+    torch.testing.assert_close(y, dense_reference(x, ins, outs, ks, None, 2, 1, 1))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -286,9 +287,14 @@ def test_functional_errors():
         cp_linear(x, a, b, torch.randn(5, dtype=F64))
     with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
         cp_linear(x, a, b, [0.0] * 6)
-    with pytest.raises(TypeError, match=r"in_factors\[0\] has dtype torch.float32"):
+    with pytest.raises(
+        TypeError,
+        match=r"in_factors\[0\] must have the input's dtype torch.float64, got torch.float32",
+    ):
         cp_linear(x, [a[0].float(), a[1]], b)
-    with pytest.raises(TypeError, match="bias has dtype torch.float32"):
+    with pytest.raises(
+        TypeError, match="bias must have the input's dtype torch.float64, got torch.float32"
+    ):
         cp_linear(x, a, b, torch.randn(6))
     with pytest.raises(ValueError, match="strategy must be one of"):
         cp_linear(x, a, b, strategy="greedy")
@@ -296,20 +302,55 @@ def test_functional_errors():
         cp_linear(torch.randn(2, 1, dtype=F64), [torch.randn(1, 2, dtype=F64)] * 14, b)
 
 
+def test_functional_dtype_and_device_must_match_the_input():
+    a, b = make_factors((3, 4), (2, 3), 2, dtype=torch.float32)
+    x = torch.randn(5, 12)
+    with pytest.raises(
+        TypeError,
+        match=r"out_factors\[1\] must have the input's dtype torch.float32, got torch.float64",
+    ):
+        cp_linear(x, a, [b[0], b[1].double()])
+    with pytest.raises(
+        TypeError,
+        match=r"in_factors\[1\] must have the input's dtype torch.float32, got torch.float64",
+    ):
+        cp_linear(x, [a[0], a[1].double()], b)
+    with pytest.raises(
+        ValueError, match=r"in_factors\[0\] must be on the input's device cpu, got meta"
+    ):
+        cp_linear(x, [torch.empty(3, 2, device="meta"), a[1]], b)
+    with pytest.raises(ValueError, match="bias must be on the input's device cpu, got meta"):
+        cp_linear(x, a, b, torch.empty(6, device="meta"))
+    with pytest.raises(TypeError, match=r"in_factors\[0\] must be a floating-point tensor"):
+        cp_linear(x, [torch.ones(3, 2, dtype=torch.long), a[1]], b)
+
+
+def test_module_accepts_numpy_ints():
+    layer = CPLinear(np.int64(8), np.int64(6), rank=np.int64(2), in_shape=(np.int64(2), 4))
+    assert (layer.in_features, layer.out_features, layer.rank) == (8, 6, 2)
+    assert all(type(v) is int for v in (layer.in_features, layer.out_features, layer.rank))
+    assert layer.in_shape == (2, 4) and all(type(v) is int for v in layer.in_shape)
+    assert CPLinear(8, 6, rank=2, order=np.int64(1)).in_shape == (8,)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(
+        layer(x), F.linear(x, layer.weight, layer.bias), **TOL[torch.float32]
+    )
+
+
 def test_module_errors():
     with pytest.raises(ValueError, match="rank must be >= 1, got 0"):
         CPLinear(8, 8, rank=0)
     with pytest.raises(ValueError, match="rank must be >= 1"):
         CPLinear(8, 8, rank=-2)
-    with pytest.raises(ValueError, match=r"rank as a float must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"rank as a float .* in \(0, 1\], got 1.5"):
         CPLinear(8, 8, rank=1.5)
-    with pytest.raises(ValueError, match=r"rank as a float must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"rank as a float .* in \(0, 1\], got 0.0"):
         CPLinear(8, 8, rank=0.0)
-    with pytest.raises(TypeError, match="rank must be an int or a float"):
+    with pytest.raises(TypeError, match=r"rank must be an int >= 1, a float in \(0, 1\]"):
         CPLinear(8, 8, rank="4")
-    with pytest.raises(TypeError, match="rank must be an int or a float"):
+    with pytest.raises(TypeError, match=r"rank must be an int >= 1, a float in \(0, 1\]"):
         CPLinear(8, 8, rank=True)
-    with pytest.raises(TypeError, match="rank must be an int or a float"):
+    with pytest.raises(TypeError, match=r"rank must be an int >= 1, a float in \(0, 1\]"):
         CPLinear(8, 8, rank=None)
     with pytest.raises(ValueError, match=r"in_shape=\(2, 3\) has product 6, .* in_features=8"):
         CPLinear(8, 8, rank=2, in_shape=(2, 3))
@@ -317,14 +358,18 @@ def test_module_errors():
         CPLinear(8, 8, rank=2, out_shape=(4, 4))
     with pytest.raises(TypeError, match="in_shape must be a non-empty sequence"):
         CPLinear(8, 8, rank=2, in_shape=8)
-    with pytest.raises(ValueError, match="in_shape must contain positive ints"):
+    with pytest.raises(TypeError, match=r"in_shape must contain ints, got \(8, 1.0\)"):
         CPLinear(8, 8, rank=2, in_shape=(8, 1.0))
+    with pytest.raises(ValueError, match="in_shape must contain positive ints"):
+        CPLinear(8, 8, rank=2, in_shape=(8, 0))
     with pytest.raises(ValueError, match="in_features must be >= 1"):
         CPLinear(0, 8, rank=2)
     with pytest.raises(TypeError, match="out_features must be an int"):
         CPLinear(8, 8.0, rank=2)
-    with pytest.raises(ValueError, match="order must be an int"):
+    with pytest.raises(ValueError, match="order must be >= 1, got 0"):
         CPLinear(8, 8, rank=2, order=0)
+    with pytest.raises(TypeError, match="order must be an int, got float"):
+        CPLinear(8, 8, rank=2, order=2.0)
     layer = CPLinear(8, 6, rank=2)
     with pytest.raises(ValueError, match=r"input must have shape \(\*, 8\)"):
         layer(torch.randn(3, 6))
@@ -367,7 +412,11 @@ def test_module_attributes_and_repr():
     ratio = 1024 * 512 / (32 * (32 + 32 + 16 + 32))
     assert layer.compression_ratio == pytest.approx(ratio)
     rep = repr(layer)
-    for part in ("in_shape=(32, 32)", "out_shape=(16, 32)", "rank=32", f"compression={ratio:.2f}x"):
+    assert layer.extra_repr() == (
+        "in_features=1024, out_features=512, bias=True, in_shape=(32, 32), out_shape=(16, 32), "
+        f"rank=32, compression={ratio:.1f}x"
+    )
+    for part in ("in_shape=(32, 32)", "out_shape=(16, 32)", "rank=32", f"compression={ratio:.1f}x"):
         assert part in rep
     custom = CPLinear(24, 30, bias=False, rank=3, in_shape=(2, 3, 4), out_shape=(5, 6))
     assert custom.bias is None and len(custom.in_factors) == 3 and len(custom.out_factors) == 2

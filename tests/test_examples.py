@@ -1,8 +1,9 @@
 """Tests of the MNIST example scripts in examples/.
 
 The weight counts of the Kronecker-MLP study are asserted exactly; each script's ``main(argv)``
-runs in-process on real MNIST with a small budget (found through ``KRONLAYERS_DATA`` or
-``../shared/data/mnist``; skipped if absent) and must finish, write its table, JSON and plot,
+runs in-process on real MNIST with a small budget (found through ``KRONLAYERS_DATA``, else
+``../shared/data/mnist``, else the copy shipped in ``examples/data/mnist``; never skipped) and
+must finish, write its table, JSON and plot,
 and reach an accuracy only a working model reaches; bad arguments must exit non-zero with a
 message naming the problem.
 """
@@ -14,6 +15,8 @@ import hashlib
 import importlib
 import json
 import os
+import re
+import shlex
 import struct
 import subprocess
 import sys
@@ -27,6 +30,7 @@ from kronlayers.datasets import mnist
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "examples"
+EMBEDDED = EXAMPLES / "data" / "mnist"
 MNIST_NAMES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -41,16 +45,15 @@ def _has_mnist(folder: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def mnist_dir() -> Path:
-    """The real MNIST folder: $KRONLAYERS_DATA, else ../shared/data/mnist; skip if absent."""
+    """The real MNIST folder: $KRONLAYERS_DATA, else ../shared/data/mnist (development),
+    else the copy shipped in examples/data/mnist. Its absence is a failure, not a skip."""
     candidates = [Path(os.environ["KRONLAYERS_DATA"])] if os.environ.get("KRONLAYERS_DATA") else []
     candidates.append(REPO_ROOT.parent / "shared" / "data" / "mnist")
+    candidates.append(EMBEDDED)
     for c in candidates:
         if _has_mnist(c):
             return c
-    pytest.skip(
-        "real MNIST not found: set KRONLAYERS_DATA or put the four IDX files in "
-        f"{REPO_ROOT.parent / 'shared' / 'data' / 'mnist'}"
-    )
+    pytest.fail(f"real MNIST not found: {EMBEDDED} should ship with the repository")
 
 
 def _script(name: str):
@@ -142,17 +145,48 @@ def test_mlp_variants_forward(mlp, name: str) -> None:
     torch.testing.assert_close(out.exp().sum(1), torch.ones(3))
 
 
+# The CNN study's LeNet-style network: conv1 1->16 5x5, conv2 16->32 5x5, fc1 512->128, fc2.
+CNN_LAYER_WEIGHTS = {  # variant: (conv1, conv2, fc1, fc2)
+    "dense": (400, 12_800, 65_536, 1_280),
+    "conv-cp20": (400, 20 * (32 + 16 + 5 + 5), 65_536, 1_280),  # 1,160
+    "conv-cp72": (400, 72 * (32 + 16 + 5 + 5), 65_536, 1_280),  # 4,176
+    "conv-tucker6": (400, 16 * 6 + 6 * 6 * 25 + 32 * 6, 65_536, 1_280),  # 1,188
+    "conv-tucker12": (400, 16 * 12 + 12 * 12 * 25 + 32 * 12, 65_536, 1_280),  # 4,176
+    "fc-kron2": (400, 12_800, 2 * (16 * 32 + 8 * 16), 1_280),  # 1,280
+    "fc-cp20": (400, 12_800, 20 * (16 + 8 + 32 + 4 + 4), 1_280),  # 1,280
+    "fc-lowrank2": (400, 12_800, 2 * (512 + 128), 1_280),  # 1,280
+    "fc-kron8": (400, 12_800, 8 * (16 * 32 + 8 * 16), 1_280),  # 5,120
+    "fc-cp80": (400, 12_800, 80 * 64, 1_280),  # 5,120
+    "fc-lowrank8": (400, 12_800, 8 * 640, 1_280),  # 5,120
+    "cp20-kron2": (400, 1_160, 1_280, 1_280),
+    "tucker12-kron8": (400, 4_176, 5_120, 1_280),
+    "dense-8-16-64": (8 * 25, 16 * 8 * 25, 256 * 64, 640),
+    "dense-4-8-24": (4 * 25, 8 * 4 * 25, 128 * 24, 240),
+}
+
+
 def test_cnn_weight_counts(cnn, common) -> None:
-    dense = cnn.build_variant("dense")
-    assert common.count_weights(dense) == 288 + 18_432 + 1_179_648 + 1_280 == 1_199_648
-    kron = cnn.build_variant("kron-fc")
-    assert common.count_weights(kron.fc1) == 8 * 64 + 16 * 144 == 2_816
-    cp = cnn.build_variant("cp16")
-    assert common.count_weights(cp.conv1) == 9 * (32 + 1 + 3 + 3)  # rank capped at 9
-    assert common.count_weights(cp.conv2) == 16 * (64 + 32 + 3 + 3)
-    assert common.count_weights(cp.fc1) == 16 * (8 + 16 + 64 + 12 + 12)
-    out = cp(torch.randn(2, 1, 28, 28))
-    assert out.shape == (2, 10)
+    assert set(CNN_LAYER_WEIGHTS) == set(cnn.VARIANTS)
+    for name, expected in CNN_LAYER_WEIGHTS.items():
+        model = cnn.build_variant(name)
+        got = tuple(common.count_weights(getattr(model, layer)) for layer in cnn.LAYERS)
+        assert got == expected, name
+        assert common.count_weights(model) == sum(expected), name
+    assert common.count_weights(cnn.build_variant("dense")) == 80_016
+    # The budgets the study compares are matched exactly.
+    assert CNN_LAYER_WEIGHTS["conv-cp72"][1] == CNN_LAYER_WEIGHTS["conv-tucker12"][1]
+    assert len({CNN_LAYER_WEIGHTS[n][2] for n in ("fc-kron2", "fc-cp20", "fc-lowrank2")}) == 1
+    assert len({CNN_LAYER_WEIGHTS[n][2] for n in ("fc-kron8", "fc-cp80", "fc-lowrank8")}) == 1
+    # The PyTorch-example CNN stays available for compress_pretrained.py.
+    assert common.count_weights(cnn.dense_net()) == 288 + 18_432 + 1_179_648 + 1_280
+
+
+@pytest.mark.parametrize("name", sorted(CNN_LAYER_WEIGHTS))
+def test_cnn_variants_forward(cnn, name: str) -> None:
+    torch.manual_seed(0)
+    out = cnn.build_variant(name)(torch.randn(3, 1, 28, 28))
+    assert out.shape == (3, 10)
+    torch.testing.assert_close(out.exp().sum(1), torch.ones(3))
 
 
 # ----------------------------------------------------------------------------- smoke runs
@@ -190,18 +224,36 @@ def test_mlp_is_deterministic(mlp, mnist_dir: Path, tmp_path: Path) -> None:
 
 
 def test_cnn_smoke(cnn, mnist_dir: Path, tmp_path: Path) -> None:
-    """CP convolutions + Kronecker fc1 (3,000 weights), 2 epochs on 3,000 images: > 80 %."""
-    results = cnn.main(
-        ["--data-dir", str(mnist_dir), "--epochs", "2", "--limit-train", "3000",
-         "--limit-test", "2000", "--variants", "cp4-kron", "--out-dir", str(tmp_path),
-         "--no-progress", "--device", "cpu", "--threads", "1"]
-    )  # fmt: skip
-    (result,) = results
-    assert result.name == "cp4-kron" and result.weights == 156 + 408 + 2816 + 1280
-    assert len(result.history) == 2
-    assert result.test_acc >= 0.80  # chance is 0.1
+    """--quick on 3,000 images: dense and CP conv2 + Kronecker fc1 (4,120 weights) learn."""
+    threads = torch.get_num_threads()
+    argv = ["--quick", "--data-dir", str(mnist_dir), "--limit-train", "3000",
+            "--variants", "dense,cp20-kron2", "--out-dir", str(tmp_path), "--no-progress",
+            "--device", "cpu"]  # fmt: skip
+    results = cnn.main(argv)
+    assert torch.get_num_threads() == threads  # --threads 1 is scoped to main()
+    by_name = {r.name: r for r in results}
+    assert list(by_name) == ["dense", "cp20-kron2"]
+    assert by_name["cp20-kron2"].weights == 4_120 and by_name["dense"].weights == 80_016
+    assert by_name["dense"].test_acc >= 0.80  # chance is 0.1
+    assert by_name["cp20-kron2"].test_acc >= 0.40
     payload = _outputs(tmp_path, "mnist_cp_cnn")
-    assert payload["meta"]["limit_test"] == 2000 and payload["meta"]["limit_train"] == 3000
+    meta = payload["meta"]
+    assert meta["epochs"] == 1 and meta["limit_train"] == 3000 and meta["limit_test"] == 1000
+    assert meta["torch_threads"] == 1 and meta["wall_seconds"] > 0
+    assert meta["command"] == shlex.join(["python", "examples/mnist_cp_cnn.py", *argv])
+    assert all(len(r["history"]) == 1 for r in payload["results"])
+    md = (tmp_path / "mnist_cp_cnn.md").read_text()
+    assert "| cp20-kron2" in md and "4,120" in md and "Command: `python examples/" in md
+
+
+def test_cnn_quick_keeps_explicit_flags(cnn, mnist_dir: Path, tmp_path: Path) -> None:
+    results = cnn.main(
+        ["--quick", "--epochs", "2", "--limit-test", "500", "--data-dir", str(mnist_dir),
+         "--variants", "dense-4-8-24", "--out-dir", str(tmp_path), "--no-progress"]
+    )  # fmt: skip
+    assert len(results[0].history) == 2
+    meta = _outputs(tmp_path, "mnist_cp_cnn")["meta"]
+    assert meta["limit_train"] == 1000 and meta["limit_test"] == 500 and meta["epochs"] == 2
 
 
 def test_compress_smoke(compress, mnist_dir: Path, tmp_path: Path) -> None:
@@ -321,6 +373,110 @@ def test_corrupt_data_is_a_clear_error(mlp, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:
         mlp.main(["--data-dir", str(tmp_path / "data"), "--variants", "dense", "--no-progress"])
     assert "corrupt or truncated gzip" in str(info.value.code)
+
+
+# ----------------------------------------------------------------------------- data source
+
+
+def _source_lines(text: str) -> list[str]:
+    """The lines saying where MNIST was read from."""
+    return [
+        line
+        for line in text.splitlines()
+        if re.match(r"MNIST: (from|embedded copy|downloaded) ", line)
+    ]
+
+
+def test_data_source_embedded(mlp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Neither --data-dir nor $KRONLAYERS_DATA: the copy in examples/data/mnist, verified."""
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network touched")
+
+    monkeypatch.delenv("KRONLAYERS_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(mnist, "_urlopen", no_network)
+    monkeypatch.chdir(REPO_ROOT)
+    (result,) = mlp.main(
+        ["--epochs", "1", "--limit-train", "2000", "--limit-test", "1000",
+         "--variants", "kron-shared-out", "--out-dir", str(tmp_path), "--no-progress",
+         "--device", "cpu"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert _source_lines(out) == ["MNIST: embedded copy at examples/data/mnist (verified)"]
+    assert "MNIST: 2,000 training / 1,000 test images" in out
+    assert result.test_acc > 0.3  # real digits were learned (chance is 0.1)
+    assert not (tmp_path / "home" / ".cache" / "kronlayers").exists()  # nothing downloaded
+
+
+def test_data_source_order(mlp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """--data-dir > $KRONLAYERS_DATA > embedded copy > download cache, with one line each."""
+    md5 = _fake_mirror(tmp_path / "mirror")
+    arg = tmp_path / "arg"
+    env = tmp_path / "env"
+    for folder in (arg, env):
+        folder.mkdir()
+        for name in md5:
+            (folder / name).write_bytes((tmp_path / "mirror" / name).read_bytes())
+    home = tmp_path / "home"
+    cache = home / ".cache" / "kronlayers" / "mnist"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setattr(mnist, "MIRRORS", ((tmp_path / "mirror").as_uri(),))
+    monkeypatch.setattr(mnist, "MNIST_GZ_MD5", md5)
+    common = mlp._common
+    parser = common.make_parser("test")
+    common.add_common_args(parser, variants=None)
+
+    def source(*argv: str) -> tuple[str, int]:
+        """The line that loading the data for ``argv`` prints, and the training-set size."""
+        data = common.load_data(common.parse_args(parser, [*argv, "--device", "cpu"]))
+        (line,) = _source_lines(capsys.readouterr().out)
+        return line, len(data.train_y)
+
+    monkeypatch.setenv("KRONLAYERS_DATA", str(env))
+    assert source("--data-dir", str(arg)) == (f"MNIST: from --data-dir {arg}", 64)
+    assert source() == (f"MNIST: from $KRONLAYERS_DATA={env}", 64)
+    monkeypatch.delenv("KRONLAYERS_DATA")
+    assert source() == ("MNIST: embedded copy at examples/data/mnist (verified)", 60_000)
+    # Without the embedded copy (as if deleted): downloaded into the cache, then read there.
+    missing = tmp_path / "no-embedded-copy"
+    monkeypatch.setattr(common, "EMBEDDED_MNIST_DIR", missing)
+    note = f"(embedded copy at {missing} is incomplete)"
+    assert source() == (f"MNIST: downloaded to {cache} (MD5-checked) {note}", 64)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(md5)
+    assert source() == (f"MNIST: from the download cache {cache} {note}", 64)
+
+
+def test_damaged_embedded_copy_is_a_clear_error(
+    mlp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "embedded"
+    _fake_mirror(fake)
+    monkeypatch.delenv("KRONLAYERS_DATA", raising=False)
+    monkeypatch.setattr(mlp._common, "EMBEDDED_MNIST_DIR", fake)
+    with pytest.raises(SystemExit) as info:
+        mlp.main(["--variants", "dense", "--no-progress", "--out-dir", str(tmp_path / "out")])
+    text = str(info.value.code)
+    assert text.startswith("error: ") and "SHA-256 of the uncompressed content" in text
+    assert "--data-dir" in text and "KRONLAYERS_DATA" in text
+
+
+def test_script_runs_from_any_directory_without_data_dir(tmp_path: Path) -> None:
+    """``python /path/to/examples/mnist_kron_mlp.py`` from elsewhere, no --data-dir and no
+    $KRONLAYERS_DATA: the embedded copy is found beside the script, nothing is downloaded."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KRONLAYERS_DATA")}
+    env["HOME"] = str(tmp_path / "home")
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "mnist_kron_mlp.py"), "--variants", "kron-shared-out",
+         "--epochs", "1", "--limit-train", "1000", "--limit-test", "500", "--no-progress",
+         "--out-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert _source_lines(proc.stdout) == [f"MNIST: embedded copy at {EMBEDDED} (verified)"]
+    assert (tmp_path / "out" / "mnist_kron_mlp.md").is_file()
+    assert not (tmp_path / "home" / ".cache" / "kronlayers").exists()
 
 
 def test_script_runs_as_a_program() -> None:

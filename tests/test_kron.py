@@ -94,6 +94,15 @@ def test_kron_matmul_errors():
         kron_matmul([torch.ones(2, 2), torch.ones(1, 2, 2)], torch.ones(4))
     with pytest.raises(ValueError, match=r"input must have shape \(\*, 6\)"):
         kron_matmul([torch.ones(2, 2), torch.ones(3, 3)], torch.ones(5, 7))
+    with pytest.raises(
+        TypeError,
+        match=r"factors\[0\] must have the input's dtype torch.float32, got torch.float64",
+    ):
+        kron_matmul([torch.ones(2, 2, dtype=F64), torch.ones(3, 3)], torch.ones(5, 6))
+    with pytest.raises(
+        ValueError, match=r"factors\[1\] must be on the input's device cpu, got meta"
+    ):
+        kron_matmul([torch.ones(2, 2), torch.ones(3, 3, device="meta")], torch.ones(5, 6))
 
 
 @settings(max_examples=40, deadline=None)

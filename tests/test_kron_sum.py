@@ -201,6 +201,57 @@ def test_kron_sum_diag_out_allowed_under_no_grad():
     close(buf, kron_sum_diag(v, v).detach())
 
 
+@pytest.mark.parametrize("dims", [(2, 3), (3, 2, 4), (17, 19, 3), (300, 2)])
+def test_kron_sum_diag_non_contiguous(dims):
+    g = gen(16)
+    vecs = [randn(2 * d, g=g)[::2] for d in dims]
+    assert not any(v.is_contiguous() for v in vecs if v.numel() > 1)
+    expected = torch.diagonal(dense(*[torch.diag(v) for v in vecs]))
+    close(kron_sum_diag(*vecs), expected)
+    buf = torch.empty(math.prod(dims), dtype=F64)
+    close(kron_sum_diag(*vecs, out=buf), expected)
+    # batched factors stored column-major, (2, d) with strides (1, 2)
+    batched = [randn(d, 2, g=g).T for d in dims]
+    out = torch.empty(2, math.prod(dims), dtype=F64)
+    kron_sum_diag(*batched, out=out)
+    for i in range(2):
+        ref = torch.diagonal(dense(*[torch.diag(v[i]) for v in batched]))
+        close(out[i], ref)
+        close(kron_sum_diag(*batched)[i], ref)
+
+
+def test_kron_sum_diag_out_must_not_overlap_inputs():
+    out = torch.zeros(6, dtype=F64)
+    b = torch.ones(3, dtype=F64)
+    with pytest.raises(ValueError, match=r"out must not overlap vecs\[0\]"):
+        kron_sum_diag(out[:2], b, out=out)
+    big = torch.zeros(20, dtype=F64)
+    with pytest.raises(ValueError, match=r"out must not overlap vecs\[1\]"):
+        kron_sum_diag(torch.ones(2, dtype=F64), big[5:8], out=big[:6])
+    with pytest.raises(ValueError, match=r"out must not overlap vecs\[1\]"):
+        kron_sum_diag(b, big[2:9:2], out=big[8:20])  # strided vec at 2, 4, 6, 8
+    v = torch.ones(4, dtype=F64)
+    with pytest.raises(ValueError, match=r"out must not overlap vecs\[0\]"):
+        kron_sum_diag(v, out=v)
+    batched = torch.zeros(2, 6, dtype=F64)
+    with pytest.raises(ValueError, match=r"out must not overlap vecs\[0\]"):
+        kron_sum_diag(batched[:, :2], torch.ones(3, dtype=F64), out=batched)
+    # meta tensors have no memory to overlap
+    meta = [torch.ones(d, device="meta", dtype=F64) for d in (2, 3)]
+    assert kron_sum_diag(*meta, out=torch.empty(6, device="meta", dtype=F64)).shape == (6,)
+    # disjoint slices of one buffer are fine
+    big = torch.randn(20, generator=gen(17), dtype=F64)
+    a, c = big[10:12], big[12:15]
+    res = kron_sum_diag(a, c, out=big[:6])
+    assert res.data_ptr() == big.data_ptr()
+    close(big[:6], kron_sum_diag(a.clone(), c.clone()))
+    close(big[10:15], torch.cat([a, c]))  # inputs untouched
+    # adjacent on both sides, still disjoint
+    a, c = big[4:6], big[12:15]
+    kron_sum_diag(a, c, out=big[6:12])
+    close(big[6:12], kron_sum_diag(big[4:6].clone(), c.clone()))
+
+
 def test_kron_sum_diag_gradcheck():
     g = gen(15)
     vecs = [randn(d, g=g).requires_grad_() for d in (2, 3, 2)]
@@ -495,21 +546,91 @@ def test_ks_project_diag_batched():
                 close(a[i, j], b)
 
 
-@pytest.mark.parametrize("dims", [(37, 11), (5, 7, 13), (3, 2, 50, 3)])
-@pytest.mark.parametrize("dtype", [F64, F32])
-def test_ks_project_diag_chunked_path(dims, dtype, monkeypatch):
-    # force the cache-blocked CPU path (ragged last block included) on a small input
-    x = randn(math.prod(dims), g=gen(53), dtype=dtype)
-    ref = ks_project_diag(x.clone().requires_grad_(), dims)  # autograd -> plain reductions
-    monkeypatch.setattr(ks_mod, "_CHUNK_BYTES", 64 * x.element_size())
+def ks_project_diag_dense(v, dims):
+    # the reference: the dense projection of diag(v), its factors' diagonals
+    return [torch.diagonal(f) for f in ks_project(torch.diag(v), dims)]
+
+
+@pytest.fixture(params=["sums", "blas"])
+def reduction(request, monkeypatch):
+    # "blas": the two gemv passes that inputs of >= _BLAS_MIN_NUMEL entries take, forced
+    if request.param == "blas":
+        monkeypatch.setattr(ks_mod, "_BLAS_MIN_NUMEL", 1)
+    return request.param
+
+
+@pytest.mark.parametrize("dims", [(37, 11), (5, 7, 13), (3, 2, 50, 3), (300, 2), (2, 300)])
+@pytest.mark.parametrize("dtype", [F64, F32, torch.complex128])
+def test_ks_project_diag_larger_matches_dense(dims, dtype, reduction):
+    v = randn(math.prod(dims), g=gen(53), dtype=dtype)
+    for a, b in zip(ks_project_diag(v, dims), ks_project_diag_dense(v, dims), strict=True):
+        close(a, b, F32 if dtype == F32 else F64)
+
+
+def test_ks_project_diag_blas_path_is_taken(monkeypatch):
+    calls = []
+    real_mv = torch.mv
+    monkeypatch.setattr(torch, "mv", lambda *a, **k: calls.append(1) or real_mv(*a, **k))
+    v = randn(2 * ks_mod._BLAS_MIN_NUMEL, g=gen(59))
+    ks_project_diag(v, (1024, 2 * ks_mod._BLAS_MIN_NUMEL // 1024))
+    assert len(calls) == 2
+    calls.clear()
+    ks_project_diag(v[: 64 * 64], (64, 64))  # small: sums
+    ks_project_diag(v[::2], (1024, ks_mod._BLAS_MIN_NUMEL // 1024))  # strided: sums
+    assert not calls
+
+
+@pytest.mark.parametrize("dims", [(37, 11), (5, 7, 13), (2, 3, 4, 5)])
+def test_ks_project_diag_non_contiguous(dims):
+    # strided inputs take the plain reductions; same results as a contiguous copy
+    g = gen(55)
+    n = math.prod(dims)
+    v = randn(3 * n, g=g)[1::3]
+    assert not v.is_contiguous()
+    for a, b in zip(ks_project_diag(v, dims), ks_project_diag_dense(v, dims), strict=True):
+        close(a, b)
+    # a batch stored column-major: (2, n) with strides (1, 2)
+    x = randn(n, 2, g=g).T
+    assert x.stride() == (1, 2)
     got = ks_project_diag(x, dims)
-    for a, b in zip(got, ref, strict=True):
-        close(a, b.detach(), dtype)
+    for i in range(2):
+        for a, b in zip(got, ks_project_diag_dense(x[i], dims), strict=True):
+            close(a[i], b)
 
 
-def test_ks_project_diag_gradcheck():
+def test_ks_project_diag_paths_agree(monkeypatch):
+    # the same input through mv (contiguous), sums (strided) and autograd (mv)
+    monkeypatch.setattr(ks_mod, "_BLAS_MIN_NUMEL", 1)
+    dims = (40, 30)
+    v = randn(1200, g=gen(56))
+    strided = torch.stack([v, torch.zeros_like(v)], -1)[:, 0]
+    with_grad = v.clone().requires_grad_()
+    for a, b, c in zip(
+        ks_project_diag(v, dims),
+        ks_project_diag(strided, dims),
+        ks_project_diag(with_grad, dims),
+        strict=True,
+    ):
+        close(a, b)
+        close(a, c.detach())
+
+
+def test_ks_project_diag_half_precision_uses_sums():
+    # dtypes without BLAS gemv take the sum kernels (float accumulation)
+    dims = (8, 6, 5)
+    v = randn(240, g=gen(57))
+    for a, b in zip(
+        ks_project_diag(v.to(torch.bfloat16), dims), ks_project_diag(v, dims), strict=True
+    ):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.double(), b, rtol=0.02, atol=0.02)
+
+
+def test_ks_project_diag_gradcheck(reduction):
     v = randn(24, g=gen(54)).requires_grad_()
     assert torch.autograd.gradcheck(lambda v: ks_project_diag(v, (2, 3, 4)), (v,))
+    batched = randn(2, 12, g=gen(58)).requires_grad_()  # always the sum kernels
+    assert torch.autograd.gradcheck(lambda v: ks_project_diag(v, (3, 4)), (batched,))
 
 
 # ------------------------------------------------------------------------------ hypothesis
@@ -632,7 +753,9 @@ def test_errors_dims():
             f(x, torch.tensor([3, 4]))
         with pytest.raises(TypeError, match="dims must contain ints"):
             f(x, (3.0, 4))
-        with pytest.raises(TypeError, match="non-empty sequence"):
+        # an empty sequence: TypeError before the shared validator moved to _validation,
+        # ValueError (right type, wrong value) since
+        with pytest.raises((TypeError, ValueError), match="non-empty sequence"):
             f(x, ())
     # numpy-style integers are fine
     assert len(ks_project_diag(v, (torch.tensor(3), 4))) == 2

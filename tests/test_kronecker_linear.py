@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,6 +141,31 @@ def test_functional_errors():
         kronecker_linear(torch.ones(2, 24), torch.ones(1, 3, 4))
 
 
+def test_functional_dtype_and_device_must_match_the_input():
+    fs = [torch.ones(1, 3, 4), torch.ones(1, 5, 6)]
+    x = torch.ones(2, 24)
+    with pytest.raises(
+        TypeError,
+        match=r"factors\[0\] must have the input's dtype torch.float32, got torch.float64",
+    ):
+        kronecker_linear(x, [fs[0].double(), fs[1]])
+    with pytest.raises(
+        TypeError,
+        match=r"factors\[1\] must have the input's dtype torch.float64, got torch.float32",
+    ):
+        kronecker_linear(x.double(), [fs[0].double(), fs[1]])
+    with pytest.raises(TypeError, match="bias must have the input's dtype torch.float32"):
+        kronecker_linear(x, fs, torch.ones(15, dtype=F64))
+    with pytest.raises(
+        ValueError, match=r"factors\[1\] must be on the input's device cpu, got meta"
+    ):
+        kronecker_linear(x, [fs[0], torch.ones(1, 5, 6, device="meta")])
+    with pytest.raises(ValueError, match="bias must be on the input's device cpu, got meta"):
+        kronecker_linear(x, fs, torch.ones(15, device="meta"))
+    with pytest.raises(TypeError, match=r"factors\[0\] must be a floating-point tensor"):
+        kronecker_linear(x, [torch.ones(1, 3, 4, dtype=torch.long), fs[1]])
+
+
 def test_flops_formula():
     # 64x64 (x) 64x64 at batch 256: two contractions of 256*64*64*64 multiply-adds.
     assert kronecker_linear_flops((64, 64), (64, 64), 1, 256) == 2 * 2 * 256 * 64**3
@@ -245,7 +271,10 @@ def test_state_dict_round_trip():
         (dict(in_shape=(4, 5)), ValueError, r"in_shape=\(4, 5\) has product 20.*in_features=24"),
         (dict(out_shape=(2, 2)), ValueError, r"out_shape=\(2, 2\) has product 4.*out_features=15"),
         (dict(rank=0), ValueError, "rank must be >= 1"),
-        (dict(rank=1.5), TypeError, "rank must be an int"),
+        (dict(rank=1.5), ValueError, r"rank as a float .* in \(0, 1\], got 1.5"),
+        (dict(rank=0.0), ValueError, r"rank as a float .* in \(0, 1\], got 0.0"),
+        (dict(rank="2"), TypeError, "rank must be an int"),
+        (dict(rank=True), TypeError, "rank must be an int"),
         (dict(in_shape=(4, 6), out_shape=(15,)), ValueError, "same number of factors"),
         (dict(shared_factors=True), ValueError, "shared_factors=True requires"),
         (dict(in_shape=(0, 24)), ValueError, "in_shape must contain positive ints"),
@@ -259,10 +288,40 @@ def test_module_errors(kwargs, exc, match):
 
 def test_module_bad_input():
     m = KroneckerLinear(24, 15)
-    with pytest.raises(ValueError, match=r"input must have shape \(\*, 24\), got \(3, 25\)"):
+    with pytest.raises(ValueError, match=r"input must have shape \(\*, 24\) .*, got \(3, 25\)"):
         m(torch.ones(3, 25))
-    with pytest.raises(ValueError, match="in_features must be a positive int"):
+    with pytest.raises(ValueError, match="in_features must be >= 1, got 0"):
         KroneckerLinear(0, 15)
+
+
+def test_module_accepts_numpy_ints_and_rejects_other_types():
+    m = KroneckerLinear(
+        np.int64(24), np.int64(15), in_shape=(np.int64(4), 6), out_shape=(3, 5), rank=np.int64(2)
+    )
+    assert (m.in_features, m.out_features, m.rank) == (24, 15, 2)
+    assert all(type(v) is int for v in (m.in_features, m.out_features, m.rank, *m.in_shape))
+    assert m.in_shape == (4, 6) and m.out_shape == (3, 5)
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias))
+    with pytest.raises(TypeError, match="in_features must be an int, got float"):
+        KroneckerLinear(24.0, 15)
+    with pytest.raises(TypeError, match="out_features must be an int, got bool"):
+        KroneckerLinear(24, True)
+    with pytest.raises(TypeError, match=r"in_shape must contain ints, got \(4, 6.0\)"):
+        KroneckerLinear(24, 15, in_shape=(4, 6.0))
+
+
+def test_float_rank_is_a_fraction_of_the_dense_weights():
+    # R = max(1, floor(f * in * out / sum_k out_k * in_k)), here sum_k = 3*4 + 5*6 = 42.
+    kw = dict(in_shape=(4, 6), out_shape=(3, 5))
+    assert KroneckerLinear(24, 15, rank=0.5, **kw).rank == math.floor(0.5 * 360 / 42) == 4
+    assert KroneckerLinear(24, 15, rank=1.0, **kw).rank == math.floor(360 / 42) == 8
+    assert KroneckerLinear(24, 15, rank=0.01, **kw).rank == 1
+    m = KroneckerLinear(24, 15, rank=0.5, **kw)
+    assert [tuple(f.shape) for f in m.factors] == [(4, 3, 4), (4, 5, 6)]
+    assert m.num_weights() <= 0.5 * 24 * 15
+    lin = nn.Linear(24, 15)
+    assert KroneckerLinear.from_linear(lin, rank=0.5, **kw).rank == 4
 
 
 @pytest.mark.parametrize("rank", [1, 2])

@@ -1,7 +1,8 @@
 """Tests of kronlayers.datasets.mnist: the IDX reader, the file lookup, and the download.
 
-The reader is tested on the real MNIST files (found through ``KRONLAYERS_DATA`` or
-``../shared/data/mnist`` beside the repository; skipped if absent) and on small synthetic
+The reader is tested on the real MNIST files (found through ``KRONLAYERS_DATA``, else
+``../shared/data/mnist`` beside the repository, else the copy shipped in
+``examples/data/mnist``; never skipped) and on small synthetic
 IDX files made in ``tmp_path`` (raw and gzipped, intact and damaged). The download is tested
 without any network: the mirrors are ``file://`` URLs of a temporary folder, or a
 monkeypatched opener.
@@ -23,19 +24,24 @@ import torch
 from kronlayers.datasets import mnist
 from kronlayers.datasets.mnist import (
     MNIST_FILES,
+    MNIST_SHA256,
     IDXFormatError,
+    MNISTChecksumError,
     MNISTNotFoundError,
     download_mnist,
     load_mnist,
+    locate_mnist,
     mnist_dataset,
     mnist_tensors,
     normalize_images,
     read_idx,
     read_idx_images,
     read_idx_labels,
+    verify_mnist,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED = REPO_ROOT / "examples" / "data" / "mnist"
 
 # SHA-256 of the uncompressed files, from shared/README.md.
 SHA256 = {
@@ -51,6 +57,7 @@ def _find_mnist_dir() -> Path | None:
     if os.environ.get("KRONLAYERS_DATA"):
         candidates.append(Path(os.environ["KRONLAYERS_DATA"]))
     candidates.append(REPO_ROOT.parent / "shared" / "data" / "mnist")
+    candidates.append(EMBEDDED)
     for c in candidates:
         if all(mnist.find_mnist_file(c, n) for pair in MNIST_FILES.values() for n in pair):
             return c
@@ -59,13 +66,11 @@ def _find_mnist_dir() -> Path | None:
 
 @pytest.fixture(scope="module")
 def mnist_dir() -> Path:
-    """The real MNIST folder: $KRONLAYERS_DATA, else ../shared/data/mnist; skip if absent."""
+    """The real MNIST folder: $KRONLAYERS_DATA, else ../shared/data/mnist (development),
+    else the copy shipped in examples/data/mnist. Its absence is a failure, not a skip."""
     found = _find_mnist_dir()
     if found is None:
-        pytest.skip(
-            "real MNIST not found: set KRONLAYERS_DATA or put the four IDX files in "
-            f"{REPO_ROOT.parent / 'shared' / 'data' / 'mnist'}"
-        )
+        pytest.fail(f"real MNIST not found: {EMBEDDED} should ship with the repository")
     return found
 
 
@@ -121,6 +126,20 @@ def test_real_mnist_shapes_dtypes_labels(mnist_dir: Path, split: str, n: int) ->
     counts = torch.bincount(labels, minlength=10)
     assert counts.min() > n // 20  # every digit is well represented
     assert int(images.max()) == 255 and int(images.min()) == 0
+
+
+def test_sha256_table_is_the_canonical_one() -> None:
+    assert MNIST_SHA256 == SHA256
+
+
+def test_embedded_copy_is_complete_and_canonical() -> None:
+    """The copy shipped in examples/data/mnist: four .gz files with the canonical content."""
+    assert sorted(p.name for p in EMBEDDED.iterdir()) == sorted(f"{n}.gz" for n in SHA256)
+    checked = verify_mnist(EMBEDDED)
+    assert sorted(p.name for p in checked) == sorted(f"{n}.gz" for n in SHA256)
+    for path in checked:
+        with gzip.open(path, "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == SHA256[path.name[:-3]]
 
 
 def test_real_mnist_content_sha256(mnist_dir: Path) -> None:
@@ -314,6 +333,154 @@ def test_default_dir_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("KRONLAYERS_DATA", str(tmp_path / "x"))
     assert mnist.resolve_data_dir() == (tmp_path / "x", False)
     assert mnist.resolve_data_dir(tmp_path / "y") == (tmp_path / "y", False)
+
+
+# ----------------------------------------------------------------------------- locate_mnist
+
+
+def _content_sha256(root: Path) -> dict[str, str]:
+    out = {}
+    for name in (n for pair in MNIST_FILES.values() for n in pair):
+        path = mnist.find_mnist_file(root, name)
+        assert path is not None
+        raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+        out[name] = hashlib.sha256(raw).hexdigest()
+    return out
+
+
+@pytest.fixture
+def sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """Four complete synthetic MNIST folders (argument, environment, bundled, cache), no
+    $KRONLAYERS_DATA, HOME in tmp_path, the SHA-256 table that of the bundled folder, and
+    no network."""
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network touched")
+
+    dirs = {}
+    for i, name in enumerate(("argument", "environment", "bundled")):
+        dirs[name] = tmp_path / name
+        make_fake_mnist(dirs[name], gz=True, n_test=3 + i)
+    dirs["cache"] = tmp_path / "home" / ".cache" / "kronlayers" / "mnist"
+    make_fake_mnist(dirs["cache"], gz=False, n_test=9)
+    monkeypatch.delenv("KRONLAYERS_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(mnist, "MNIST_SHA256", _content_sha256(dirs["bundled"]))
+    monkeypatch.setattr(mnist, "_urlopen", no_network)
+    monkeypatch.chdir(tmp_path)
+    return dirs
+
+
+def test_locate_order(sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """data_dir > $KRONLAYERS_DATA > bundled copy > download cache, each said in one line."""
+    arg, env, bundled, cache = (sources[k] for k in ("argument", "environment", "bundled", "cache"))
+    monkeypatch.setenv("KRONLAYERS_DATA", str(env))
+    src = locate_mnist(arg, bundled=bundled, data_dir_label="--data-dir")
+    assert (src.root, src.origin, src.verified) == (arg, "argument", False)
+    assert src.description == f"from --data-dir {arg}"
+
+    src = locate_mnist(None, bundled=bundled)
+    assert (src.root, src.origin) == (env, "environment")
+    assert src.description == f"from $KRONLAYERS_DATA={env}"
+
+    monkeypatch.delenv("KRONLAYERS_DATA")
+    src = locate_mnist(None, bundled=bundled, bundled_label="embedded copy")
+    assert (src.root, src.origin, src.verified) == (bundled, "bundled", True)
+    # Shown relative to the working directory when inside it.
+    assert src.description == "embedded copy at bundled (verified)"
+    assert load_mnist("test", src.root)[0].shape[0] == 5
+
+    src = locate_mnist(None, bundled=bundled, verify_bundled=False)
+    assert src.description == "bundled copy at bundled (not verified)" and not src.verified
+
+    src = locate_mnist(None)
+    assert (src.root, src.origin, src.downloaded) == (cache, "cache", ())
+    assert src.description == f"from the download cache {cache}"
+    assert load_mnist("test", src.root)[0].shape[0] == 9
+
+
+def test_locate_incomplete_bundled_falls_back_to_download(
+    sources: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mirror, info = make_mirror(tmp_path)
+    monkeypatch.setattr(mnist, "_urlopen", mnist.urllib.request.urlopen)
+    monkeypatch.setattr(mnist, "MIRRORS", (mirror.as_uri() + "/",))
+    monkeypatch.setattr(mnist, "MNIST_GZ_MD5", info["md5"])
+    (sources["bundled"] / "train-labels-idx1-ubyte.gz").unlink()
+    for path in sources["cache"].iterdir():
+        path.unlink()
+    src = locate_mnist(None, bundled=sources["bundled"])
+    assert src.origin == "cache" and src.root == sources["cache"]
+    assert sorted(p.name for p in src.downloaded) == sorted(info["md5"])
+    assert src.description == (
+        f"downloaded to {sources['cache']} (MD5-checked) (bundled copy at bundled is incomplete)"
+    )
+    # Only the splits asked for must be complete: the bundled test split is.
+    assert locate_mnist(None, bundled=sources["bundled"], splits=["test"]).origin == "bundled"
+
+
+def test_locate_download_false_and_missing_dirs(
+    sources: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for path in sources["cache"].iterdir():
+        path.unlink()
+    with pytest.raises(MNISTNotFoundError, match="Download disabled"):
+        locate_mnist(None, download=False)
+    # A directory named by the user is never replaced by another source.
+    with pytest.raises(MNISTNotFoundError, match="does not exist"):
+        locate_mnist(tmp_path / "nowhere", bundled=sources["bundled"])
+    monkeypatch.setenv("KRONLAYERS_DATA", str(tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MNISTNotFoundError, match="MNIST files not found in"):
+        locate_mnist(None, bundled=sources["bundled"])
+    with pytest.raises(ValueError, match="splits"):
+        locate_mnist(None, splits=["valid"])
+
+
+def test_locate_bundled_checksum_mismatch(
+    sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A damaged bundled copy is an error naming the file, not a silent fallback."""
+    monkeypatch.setattr(mnist, "MNIST_SHA256", SHA256)  # the real table: fake data fails
+    with pytest.raises(MNISTChecksumError, match="SHA-256 of the uncompressed content") as e:
+        locate_mnist(None, bundled=sources["bundled"])
+    assert "train-images-idx3-ubyte" in str(e.value) and SHA256["train-images-idx3-ubyte"] in str(
+        e.value
+    )
+    assert isinstance(e.value, IDXFormatError)  # caught wherever format errors are
+
+
+def test_verify_once_per_process(sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    bundled = sources["bundled"]
+    calls: list[Path] = []
+    real = mnist._content_sha256
+
+    def counting(path: Path) -> str:
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(mnist, "_content_sha256", counting)
+    assert len(verify_mnist(bundled)) == 4 and len(calls) == 4
+    verify_mnist(bundled, splits=["test"])
+    assert len(calls) == 4  # already verified: not read again
+    # A changed file is read again and fails.
+    path = bundled / "t10k-labels-idx1-ubyte.gz"
+    write(path, idx_bytes(np.array([1, 2, 3, 4, 5], dtype=np.uint8)))
+    os.utime(path, ns=(1, 1))
+    with pytest.raises(MNISTChecksumError, match="t10k-labels-idx1-ubyte"):
+        verify_mnist(bundled, splits=["test"])
+    # Missing files are a not-found error.
+    path.unlink()
+    with pytest.raises(MNISTNotFoundError, match="t10k-labels-idx1-ubyte"):
+        verify_mnist(bundled)
+
+
+def test_locate_real_embedded_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KRONLAYERS_DATA", raising=False)
+    monkeypatch.chdir(REPO_ROOT)
+    src = locate_mnist(None, bundled=EMBEDDED, bundled_label="embedded copy", download=False)
+    assert (src.root, src.origin, src.verified) == (EMBEDDED, "bundled", True)
+    assert src.description == "embedded copy at examples/data/mnist (verified)"
 
 
 def test_normalize_images() -> None:

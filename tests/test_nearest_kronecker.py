@@ -1,5 +1,6 @@
 """nearest_kronecker: exact on Kronecker sums, optimal (SVD tail) for two factors."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,3 +76,12 @@ def test_errors():
         nearest_kronecker(w, (3, 4), (4, 5), rank=13)
     with pytest.raises(ValueError, match="rank must be >= 1"):
         nearest_kronecker(w, (3, 4), (4, 5), rank=0)
+    # Wrong Python types are TypeErrors naming the argument; NumPy ints are ints.
+    with pytest.raises(TypeError, match="rank must be an int, got float 1.5"):
+        nearest_kronecker(w, (3, 4), (4, 5), rank=1.5)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor, got list"):
+        nearest_kronecker(w.tolist(), (3, 4), (4, 5))
+    with pytest.raises(TypeError, match=r"out_shape must contain ints, got \(3, 4.0\)"):
+        nearest_kronecker(w, (3, 4.0), (4, 5))
+    got = nearest_kronecker(w, (np.int64(3), 4), (4, 5), rank=np.int64(2))
+    assert [tuple(g.shape) for g in got] == [(2, 3, 4), (2, 4, 5)]

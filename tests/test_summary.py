@@ -1,8 +1,10 @@
-"""kronlayers.summary: per-layer parameters and forward FLOPs."""
+"""kronlayers.summary: per-layer parameters and forward FLOPs (2 FLOPs per multiply-add)."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from kronlayers import CPConv2d, CPLinear, KroneckerLinear, compress, summary
 from kronlayers.functional import cp_conv2d_flops, cp_linear_flops, kronecker_linear_flops
@@ -17,12 +19,12 @@ def test_dense_mlp_counts():
     lin0, relu, lin2 = s.rows
     assert isinstance(lin0, LayerSummary)
     assert lin0.input_shape == (4, 3, 20) and lin0.output_shape == (4, 3, 30)
-    assert (lin0.params, lin0.flops) == (20 * 30 + 30, 12 * 20 * 30)
+    assert (lin0.params, lin0.flops) == (20 * 30 + 30, 2 * 12 * 20 * 30)
     assert (relu.params, relu.flops) == (0, None)
-    assert (lin2.params, lin2.flops) == (30 * 5, 12 * 30 * 5)
+    assert (lin2.params, lin2.flops) == (30 * 5, 2 * 12 * 30 * 5)
     assert not any(r.compressed for r in s.rows)
     assert s.total_params == sum(p.numel() for p in model.parameters())
-    assert s.total_flops == 12 * (20 * 30 + 30 * 5)
+    assert s.total_flops == 2 * 12 * (20 * 30 + 30 * 5)
     assert (s.total_dense_params, s.total_dense_flops) == (s.total_params, s.total_flops)
 
 
@@ -32,11 +34,12 @@ def test_kronecker_layer_counts_and_dense_equivalent():
     (row,) = s.rows
     assert row.kind == "KroneckerLinear" and row.compressed
     assert row.params == 3 * (16 * 28 + 16 * 28) + 256
-    assert row.flops == kronecker_linear_flops((28, 28), (16, 16), 3, 8) // 2
+    assert row.flops == kronecker_linear_flops((28, 28), (16, 16), 3, 8)
+    assert row.flops == layer.flops((8, 784))
     assert row.dense_params == 784 * 256 + 256
-    assert row.dense_flops == 8 * 784 * 256
+    assert row.dense_flops == 2 * 8 * 784 * 256 == layer.dense_flops((8, 784))
     assert s.total_dense_params == 784 * 256 + 256
-    assert s.total_dense_flops == 8 * 784 * 256
+    assert s.total_dense_flops == 2 * 8 * 784 * 256
 
 
 def test_conv_flops():
@@ -45,8 +48,19 @@ def test_conv_flops():
     row = s.rows[0]
     ho, wo = (11 + 2 - 3) // 2 + 1, (13 + 2 - 5) // 2 + 1
     assert row.output_shape == (2, 6, ho, wo)
-    assert row.flops == 2 * 6 * ho * wo * (4 // 2) * 3 * 5
+    assert row.flops == 2 * (2 * 6 * ho * wo * (4 // 2) * 3 * 5)
     assert row.params == conv.weight.numel() + 6
+
+
+def test_dense_flops_are_in_the_unit_of_torch_flop_counter():
+    # 2 FLOPs per multiply-add, as torch.utils.flop_counter counts them (bias excluded).
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)
+    )
+    s = summary(model, (2, 3, 16, 16))
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(2, 3, 16, 16))
+    assert s.total_flops == s.total_dense_flops == counter.get_total_flops()
 
 
 def test_compressed_totals_match_the_dense_model():
@@ -60,6 +74,7 @@ def test_compressed_totals_match_the_dense_model():
     assert after.total_flops < before.total_flops
     text = str(after)
     assert "KroneckerLinear" in text and "compression:" in text
+    assert "2 per multiply-add" in text
     assert f"{after.total_params:,}" in text and f"{before.total_flops:,}" in text
 
 
@@ -85,7 +100,7 @@ def test_shared_module_called_twice():
     assert len(kron_rows) == 2 and kron_rows[0].name == kron_rows[1].name == "0"
     assert s.total_params == sum(p.numel() for p in shared.parameters())
     assert s.total_dense_params == 16 * 16 + 16
-    assert s.total_flops == 2 * (kronecker_linear_flops((4, 4), (4, 4), 1, 2) // 2)
+    assert s.total_flops == 2 * kronecker_linear_flops((4, 4), (4, 4), 1, 2)
 
 
 def test_several_inputs_and_integer_dtype():
@@ -100,7 +115,7 @@ def test_several_inputs_and_integer_dtype():
 
     s = summary(Model(), [(2, 3), (2, 3, 6)], dtype=torch.long)
     assert [r.kind for r in s.rows] == ["Embedding", "Linear"]
-    assert s.rows[1].flops == 6 * 12 * 6
+    assert s.rows[1].flops == 2 * 6 * 12 * 6
     assert repr(s).startswith("ModelSummary(rows=2")
 
 
@@ -118,6 +133,12 @@ def test_input_size_errors(input_size, exc, match):
         summary(nn.Linear(8, 8), input_size)
 
 
+def test_input_size_accepts_numpy_ints():
+    s = summary(nn.Linear(8, 8), (np.int64(4), np.int64(8)))
+    assert s.rows[0].input_shape == (4, 8)
+    assert s.total_flops == 2 * 4 * 8 * 8
+
+
 def test_other_argument_errors():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         summary(lambda x: x, (1, 8))
@@ -130,9 +151,9 @@ def test_cp_linear_counts():
     s = summary(layer, (3, 7, 96))
     (row,) = s.rows
     assert row.name == "" and row.compressed
-    assert row.flops == cp_linear_flops((8, 12), (5, 8), 5, 21) // 2
+    assert row.flops == cp_linear_flops((8, 12), (5, 8), 5, 21)
     assert row.params == 5 * (8 + 12 + 5 + 8) + 40
-    assert (row.dense_params, row.dense_flops) == (96 * 40 + 40, 21 * 96 * 40)
+    assert (row.dense_params, row.dense_flops) == (96 * 40 + 40, 2 * 21 * 96 * 40)
 
 
 @pytest.mark.parametrize(
@@ -162,8 +183,8 @@ def test_cp_conv_counts(kwargs, padded):
             kwargs["padding"],
             kwargs.get("dilation", 1),
         )
-    assert row.flops == expected // 2
-    assert row.dense_flops == 2 * 6 * ho * wo * 4 * 9
+    assert row.flops == expected == conv.flops((2, 4, 9, 8))
+    assert row.dense_flops == 2 * (2 * 6 * ho * wo * 4 * 9) == conv.dense_flops((2, 4, 9, 8))
     assert row.dense_params == 6 * 4 * 9 + (6 if kwargs.get("bias", True) else 0)
     assert row.params == 3 * (6 + 4 + 3 + 3) + (6 if kwargs.get("bias", True) else 0)
 

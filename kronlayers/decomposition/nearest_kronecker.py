@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._shapes import check_rank, check_shape, check_tensor
+from .._validation import check_int, check_shape, check_tensor
 from .cp import cp_decompose
 
 __all__ = ["kron_rearrange", "nearest_kronecker"]
@@ -43,7 +43,7 @@ def nearest_kronecker(
       result is optimal (Eckart–Young), and the squared error is the sum of the discarded
       squared singular values. ``sqrt(sigma_r)`` is given to each factor.
     - ``d > 2``: a rank-``rank`` CP decomposition of the rearranged ``d``-way tensor by
-      alternating least squares (TensorLy's ``parafac`` with SVD initialisation, see
+      alternating least squares (plain-torch CP-ALS with SVD initialisation, see
       :func:`kronlayers.decomposition.cp_decompose`). Exact on an exact Kronecker sum in
       practice, but in general a local optimum: the best approximation of ``d >= 3`` tensors
       is NP-hard and may not exist for ``rank > 1``.
@@ -63,11 +63,13 @@ def nearest_kronecker(
     check_tensor("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D (H_out, H_in) matrix, got {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
     out_shape = check_shape("out_shape", out_shape, weight.shape[0], "weight.shape[0]")
     in_shape = check_shape("in_shape", in_shape, weight.shape[1], "weight.shape[1]")
     if len(out_shape) != len(in_shape):
         raise ValueError(f"out_shape {out_shape} and in_shape {in_shape} must have the same length")
-    rank = check_rank(rank)
+    rank = check_int("rank", rank, minimum=1)
     d = len(out_shape)
     w = weight.detach()
     if d == 1:

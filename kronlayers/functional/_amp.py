@@ -25,7 +25,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["apply_autocast"]
+__all__ = ["apply_autocast", "balance_cp_stages", "compute_dtype"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_MAX_LOG_SCALE = 80.0
 
 
 # Device types autocast knows, found once at import: the queries below raise for others
@@ -108,3 +111,56 @@ def apply_autocast(function: type[torch.autograd.Function], *args: Any) -> Any:
     )
     with torch.autocast(device_type, enabled=False):
         return _apply(function, cast)
+
+
+def compute_dtype(input: torch.Tensor) -> torch.dtype:
+    """The dtype a kernel called through :func:`apply_autocast` with ``input`` computes in.
+
+    The autocast dtype where autocast is enabled for ``input``'s device type (except for a
+    float64 input, which autocast leaves alone), ``input.dtype`` otherwise.
+    """
+    dtype = _autocast_dtype(input.device.type)
+    if dtype is None or input.dtype == torch.float64:
+        return input.dtype
+    return dtype
+
+
+def balance_cp_stages(
+    stages: list[list[torch.Tensor]], dtype: torch.dtype
+) -> list[list[torch.Tensor]]:
+    """Rescale CP factors so that each stage of the pipeline carries an equal share of each
+    rank term's norm; a no-op (the same tensor objects) unless ``dtype`` is fp16 / bf16.
+
+    ``stages`` lists, in the order the kernel applies them, groups of ``(d, R)`` factors of one
+    CP tensor (e.g. ``[in_factors, out_factors]`` for a linear layer). The CP tensor is
+    invariant under rescaling column ``r`` of each factor by ``s_k[r]`` with
+    ``prod_k s_k[r] = 1``. With ``n_k[r]`` the column norms and ``P[r] = prod_k n_k[r]`` the
+    norm of the ``r``-th rank-one term, every factor of stage ``j`` (which holds ``m_j``
+    factors, of ``S`` stages) is rescaled to the column norm ``P[r] ** (1 / (S m_j))``: each
+    stage then multiplies a term's magnitude by ``P[r] ** (1 / S)``, so the intermediates of
+    every stage lie between the input's and the output's scale instead of overflowing (or
+    underflowing) when the factors are badly balanced (norms ``1e3`` next to ``1e-3``).
+
+    The scales are computed in float32 without autograd (a rank term with a zero or
+    non-finite column is left alone) and applied in float32, then cast back to each factor's
+    dtype. Because the scales' product is exactly ``1`` in every term, the function of the
+    factors that the kernel computes is unchanged, so gradients, and higher derivatives, with
+    respect to the original factors are exact (up to rounding) through the constant scales.
+    """
+    if dtype not in _LOW_PRECISION:
+        return stages
+    with torch.no_grad():
+        logs = [[f.detach().float().norm(dim=0).log() for f in stage] for stage in stages]
+        total = sum(sum(stage) for stage in logs)  # log P[r], (R,)
+        log_scales = [[total / (len(stages) * len(stage)) - lg for lg in stage] for stage in logs]
+        # Zero / non-finite columns (log P not finite) and scales beyond float32's range
+        # (exp(88) overflows) leave the term as it is.
+        ok = torch.isfinite(total)
+        for stage in log_scales:
+            for lg in stage:
+                ok = ok & (lg.abs() <= _MAX_LOG_SCALE)
+        scales = [[torch.where(ok, lg.exp(), 1.0) for lg in stage] for stage in log_scales]
+    return [
+        [(f.float() * s).to(f.dtype) for f, s in zip(stage, ss, strict=True)]
+        for stage, ss in zip(stages, scales, strict=True)
+    ]

@@ -20,16 +20,17 @@ from functools import lru_cache
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from .._shapes import check_linear_args, check_tensor, prod
-from ._amp import _autocast_dtype, apply_autocast
+from .._shapes import LETTERS, MAX_MODES, UPPER_LETTERS, prod
+from .._validation import check_bias, check_factor_list, check_like, check_linear_input
+from ..ops.khatri_rao import khatri_rao as _khatri_rao
+from ._amp import _autocast_dtype, apply_autocast, balance_cp_stages, compute_dtype
+from ._function import split_needs
 
 __all__ = ["CPLinearFunction", "check_cp_factors", "cp_linear", "cp_linear_flops"]
 
-_IN_LETTERS = "abcdefghijklm"
-_OUT_LETTERS = "ABCDEFGHIJKLM"
-MAX_MODES = len(_IN_LETTERS)
+_IN_LETTERS = LETTERS
+_OUT_LETTERS = UPPER_LETTERS
 _STRATEGIES = ("auto", "khatri_rao", "modewise")
 
 
@@ -99,23 +100,58 @@ def make_plan(
     Khatri-Rao wins for batches larger than about the largest mode size, mode-wise for
     small batches (single-sample inference); ties go to Khatri-Rao (bigger GEMMs run closer
     to peak).
+
+    ``n`` may be symbolic (the batch size of ``torch.export`` with a dynamic dimension or of
+    ``torch.compile(dynamic=True)``). A comparison of costs that the symbolic shape's range
+    does not decide on its own is then settled by the cost model's large-batch limit, the
+    Khatri-Rao route, rather than by the example's value: the plan adds no guard on ``n``,
+    so one graph serves every batch size (no recompilation at a plan switch).
     """
+    if not isinstance(strategy, str):
+        raise TypeError(
+            f"strategy must be a str, one of {_STRATEGIES}, got {type(strategy).__name__} "
+            f"{strategy!r}"
+        )
     if strategy not in _STRATEGIES:
         raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
+    if isinstance(n, int) and not torch.compiler.is_compiling():
+        # Concrete: cached (plans are pure functions of hashable shapes), off every call's
+        # path. (Dynamo reports a SymInt as an int, hence the is_compiling check.)
+        return _make_plan_cached(tuple(in_shape), tuple(out_shape), rank, n, strategy)
     return _make_plan(tuple(in_shape), tuple(out_shape), rank, n, strategy)
 
 
-# Plans are pure functions of hashable shapes; caching keeps them off every call's path.
-@lru_cache(maxsize=256)
+def _prefer_khatri_rao(khatri_rao_cost, modewise_cost) -> bool:
+    # statically_known_true is the plain comparison for ints; for a symbolic batch size it is
+    # True only where the comparison holds for every value in the shape's range (no guard),
+    # and then, unless the mode-wise route is known to be cheaper throughout, Khatri-Rao.
+    cheaper = khatri_rao_cost <= modewise_cost
+    if isinstance(cheaper, bool) and not torch.compiler.is_compiling():
+        return cheaper
+    # Only symbolic shapes get here (sympy, which this imports, is loaded by then anyway).
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if statically_known_true(cheaper):
+        return True
+    return not statically_known_true(khatri_rao_cost > modewise_cost)
+
+
 def _make_plan(in_shape, out_shape, rank, n, strategy) -> CPLinearPlan:
     in_order, in_mode_cost = _modewise_in(in_shape, n, rank)
     out_order, out_mode_cost = _modewise_out(out_shape, n, rank)
     if strategy == "auto":
-        in_kr = _khatri_rao_cost(in_shape, rank) + n * prod(in_shape) * rank <= in_mode_cost
-        out_kr = _khatri_rao_cost(out_shape, rank) + n * prod(out_shape) * rank <= out_mode_cost
+        in_kr = _prefer_khatri_rao(
+            _khatri_rao_cost(in_shape, rank) + n * prod(in_shape) * rank, in_mode_cost
+        )
+        out_kr = _prefer_khatri_rao(
+            _khatri_rao_cost(out_shape, rank) + n * prod(out_shape) * rank, out_mode_cost
+        )
     else:
         in_kr = out_kr = strategy == "khatri_rao"
     return CPLinearPlan(in_shape, out_shape, rank, in_kr, in_order, out_kr, out_order)
+
+
+_make_plan_cached = lru_cache(maxsize=256)(_make_plan)
 
 
 def cp_linear_flops(
@@ -135,16 +171,6 @@ def cp_linear_flops(
     else:
         cost += _modewise_out(out_shape, n, rank)[1]
     return 2 * cost
-
-
-def _khatri_rao(factors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Row-major Khatri-Rao product ``(prod d_k, R)`` of factors ``(d_k, R)``."""
-    # A broadcast multiply writes the result contiguous in the (d_1, ..., d_k, R) order the
-    # GEMM needs; a two-operand einsum would batch over R and leave it permuted.
-    k = factors[0]
-    for f in factors[1:]:
-        k = (k.unsqueeze(1) * f.unsqueeze(0)).reshape(-1, f.shape[1])
-    return k
 
 
 # Hadamard-in-R steps (a mode contracted or created while the rank axis is carried along)
@@ -207,13 +233,45 @@ def _expand(c: torch.Tensor, out_factors: Sequence[torch.Tensor], plan: CPLinear
     return us
 
 
+def _contract_input(
+    x2: torch.Tensor, a_fs: Sequence[torch.Tensor], plan: CPLinearPlan
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The input side ``c = x K_in`` (``(N, R)``) and the partial contractions kept for backward.
+
+    Khatri-Rao route: one GEMM, nothing kept. Mode-wise route: one GEMM against the first mode
+    of ``plan.in_order``, then Hadamard-in-``R`` contractions of the others; the tensors before
+    each of those are returned (``ts[j]`` holds the modes ``in_order[j + 1:]`` in natural
+    order). Plain differentiable ops: the backward reruns it to differentiate through ``c``.
+    """
+    n_in = len(plan.in_shape)
+    saved: list[torch.Tensor] = []
+    if plan.in_khatri_rao:
+        return x2 @ _khatri_rao(a_fs), saved
+    k = plan.in_order[0]
+    rest = [m for m in range(n_in) if m != k]
+    sub = _IN_LETTERS[:n_in]
+    out = "".join(_IN_LETTERS[m] for m in rest)
+    # The one GEMM of this route; the surviving modes stay in natural order.
+    t = torch.einsum(
+        f"n{sub},{_IN_LETTERS[k]}r->n{out}r", x2.view(x2.shape[0], *plan.in_shape), a_fs[k]
+    )
+    for k in plan.in_order[1:]:
+        saved.append(t)
+        t = _contract(t, a_fs[k], 1 + rest.index(k))
+        rest.remove(k)
+    return t, saved
+
+
 class CPLinearFunction(torch.autograd.Function):
     """``y = x @ W.T + bias`` for a CP-factorized ``W``, with a hand-written backward.
 
     Called as ``CPLinearFunction.apply(x, bias, plan, *in_factors, *out_factors)`` (see
     :func:`make_plan`); returns ``(y, c, *saved)`` where only ``y`` is differentiable:
-    ``c = x K_in`` is the ``(N, R)`` core and ``saved`` the intermediates kept for backward.
-    Use :func:`cp_linear`, which validates the arguments and returns ``y`` alone.
+    ``c = x K_in`` is the ``(N, R)`` core and ``saved`` the partial contractions kept for
+    backward, returned so that ``setup_context`` can save them (the way to save an
+    intermediate in this style). Use :func:`cp_linear`, which validates the arguments and
+    returns ``y`` alone. (A single differentiable output also lets ``y`` be modified in place,
+    e.g. by ``nn.ReLU(inplace=True)``.)
 
     Saved for backward: the input, the factors and the ``(N, R)`` core ``c``, plus, on the
     mode-wise input route only, the partial contractions of the input (``N * R * H_in /
@@ -225,8 +283,22 @@ class CPLinearFunction(torch.autograd.Function):
     versus keeping ``(H_in + H_out) * R`` entries per layer alive from forward to backward)
     and the mode-wise output expansions (elementwise products of ``c``). So the activation
     memory of the layer is the input plus ``N * R``, as for a dense layer plus a sliver.
-    The backward is not itself differentiable (double backward raises).
+
+    Composability: the backward is made of differentiable ops (GEMMs, einsums, elementwise
+    products and sums), so ``create_graph=True`` (gradient penalties, ``gradgradcheck``,
+    ``torch.func.jacrev`` of ``jacrev``) gives exact higher derivatives. The saved ``c`` and
+    partial contractions are non-differentiable (they carry no graph back to ``x`` and
+    ``A_q``), so when the backward is itself differentiated (grad mode on inside it, i.e.
+    ``create_graph=True``) and ``x`` or an ``A_q`` needs a gradient, it recomputes them from
+    ``x`` and the factors with the forward's ops (one more input-side pass, about
+    ``N R H_in`` multiply-adds, only in that case); a first-order backward reads the saved
+    ones. ``torch.func.vmap`` (and ``jacrev``, per-sample gradients) works through
+    ``generate_vmap_rule``, which vmaps the plain-torch forward and backward. Forward-mode
+    AD (``jvp``, ``jacfwd``, ``hessian``) is not implemented and raises PyTorch's error
+    asking for a ``jvp`` staticmethod.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x: torch.Tensor, bias: torch.Tensor | None, plan: CPLinearPlan, *factors):
@@ -236,24 +308,7 @@ class CPLinearFunction(torch.autograd.Function):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, in_features)
         n = x2.shape[0]
-        saved: list[torch.Tensor] = []
-
-        if plan.in_khatri_rao:
-            c = x2 @ _khatri_rao(a_fs)
-        else:
-            k = plan.in_order[0]
-            rest = [m for m in range(n_in) if m != k]
-            sub = _IN_LETTERS[:n_in]
-            out = "".join(_IN_LETTERS[m] for m in rest)
-            # The one GEMM of this route; the surviving modes stay in natural order.
-            t = torch.einsum(
-                f"n{sub},{_IN_LETTERS[k]}r->n{out}r", x2.view(n, *plan.in_shape), a_fs[k]
-            )
-            for k in plan.in_order[1:]:
-                saved.append(t)
-                t = _contract(t, a_fs[k], 1 + rest.index(k))
-                rest.remove(k)
-            c = t
+        c, saved = _contract_input(x2, a_fs, plan)
 
         if plan.out_khatri_rao:
             k_out = _khatri_rao(b_fs)
@@ -268,7 +323,10 @@ class CPLinearFunction(torch.autograd.Function):
             y = y.reshape(n, out_features)
             if bias is not None:
                 y = y + bias
-        return (y.view(*lead, out_features), c, *saved)
+        # _unsafe_view: not a view of a tensor made here, so that y may be modified in place
+        # (nn.ReLU(inplace=True) after the layer); nothing else refers to its memory.
+        y = torch.ops.aten._unsafe_view(y.contiguous(), (*lead, out_features))
+        return (y, c, *saved)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -281,29 +339,32 @@ class CPLinearFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor | None, *_unused):
         plan: CPLinearPlan = ctx.plan
         n_in, n_out = len(plan.in_shape), len(plan.out_shape)
         x, c, *rest = ctx.saved_tensors
         a_fs, b_fs, saved = rest[:n_in], rest[n_in : n_in + n_out], rest[n_in + n_out :]
-        needs = ctx.needs_input_grad
-        need_x, need_bias = needs[0], needs[1] and ctx.has_bias
-        need_a, need_b = list(needs[3 : 3 + n_in]), list(needs[3 + n_in :])
+        need_x, need_bias, need_factors = split_needs(ctx)
+        need_bias = need_bias and ctx.has_bias
+        need_a, need_b = list(need_factors[:n_in]), list(need_factors[n_in:])
         grads_a: list[torch.Tensor | None] = [None] * n_in
         grads_b: list[torch.Tensor | None] = [None] * n_out
         if grad_out is None:
             return (None, None, None, *grads_a, *grads_b)
-
-        in_features, out_features = prod(plan.in_shape), prod(plan.out_shape)
-        g2 = grad_out.reshape(-1, out_features)
-        n = g2.shape[0]
         need_c = need_x or any(need_a)
-        grad_bias = g2.sum(0) if need_bias else None
+        in_features, out_features = prod(plan.in_shape), prod(plan.out_shape)
+        n = x.numel() // in_features
+        if need_c and torch.is_grad_enabled():
+            # Differentiated backward (create_graph=True): c and the partial contractions as
+            # differentiable functions of x and the factors, so that the gradients reaching
+            # them in double backward flow on (see the class docstring).
+            c, saved = _contract_input(x.reshape(n, in_features), a_fs, plan)
         ts = saved  # partial input contractions (mode-wise input route only)
 
         # Output side: from dL/dy to dL/dB_p and dL/dc.
+        g2 = grad_out.reshape(n, out_features)
         dc = None
+        grad_bias = g2.sum(0) if need_bias else None
         if plan.out_khatri_rao:
             if any(need_b):
                 # (R, N) @ (N, H) keeps the long axis as the GEMM's output columns, about
@@ -343,7 +404,7 @@ class CPLinearFunction(torch.autograd.Function):
         if need_c:
             if plan.in_khatri_rao:
                 if any(need_a):
-                    grad_k = (dc.t() @ x.reshape(-1, in_features)).t()
+                    grad_k = (dc.t() @ x.reshape(n, in_features)).t()
                     for q in range(n_in):
                         if need_a[q]:
                             grads_a[q] = _khatri_rao_factor_grad(grad_k, a_fs, q)
@@ -380,18 +441,13 @@ class CPLinearFunction(torch.autograd.Function):
 
 def check_cp_factors(factors: Sequence[torch.Tensor], name: str) -> tuple[tuple[int, ...], int]:
     """Validate CP factors ``(d_k, R)`` sharing ``R``; return ``(shape, R)``."""
-    if isinstance(factors, torch.Tensor) or not isinstance(factors, Sequence | nn.ParameterList):
-        raise TypeError(
-            f"{name} must be a list or tuple of (d_k, R) tensors, got {type(factors).__name__}"
-        )
-    factors = list(factors)
-    if len(factors) == 0:
-        raise ValueError(f"{name} must hold at least one factor")
+    if isinstance(factors, nn.ParameterList):
+        factors = list(factors)
+    factors = check_factor_list(name, factors, 2, "(d_k, R)")
     if len(factors) > MAX_MODES:
         raise ValueError(f"{name} may hold at most {MAX_MODES} factors, got {len(factors)}")
     for k, f in enumerate(factors):
-        check_tensor(f"{name}[{k}]", f)
-        if f.dim() != 2 or f.shape[0] < 1 or f.shape[1] < 1:
+        if f.shape[0] < 1 or f.shape[1] < 1:
             raise ValueError(
                 f"{name}[{k}] must have shape (d_k, R) with d_k, R >= 1, got {tuple(f.shape)}"
             )
@@ -423,8 +479,29 @@ def cp_linear(
     (:class:`CPLinearFunction`), each step a GEMM, a two-operand einsum or an elementwise
     product. Under autocast every floating argument is cast to the autocast dtype and both
     passes run in it; when no gradient can be needed the kernel runs without an autograd
-    node (:func:`kronlayers.functional._amp.apply_autocast`). Double backward is not
-    supported (it raises).
+    node (:func:`kronlayers.functional._amp.apply_autocast`).
+
+    Guarantees:
+
+    * Derivatives of every order are exact (the backward is differentiable): gradient
+      penalties, ``gradgradcheck``, ``torch.func.vmap`` / ``grad`` / ``jacrev`` work.
+      Forward-mode AD (``jvp``, ``jacfwd``) raises PyTorch's error asking for a ``jvp``.
+    * float32 / float64: the kernel runs on the factors as given (bit-identical to calling
+      :class:`CPLinearFunction` directly).
+    * float16 / bfloat16 (the input's dtype, or the autocast dtype): the factors are first
+      rescaled per rank term, in float32 and without changing ``W``, so that ``K_in`` and
+      ``K_out`` carry equal shares of each rank-one term's norm ``P_r = prod ||column r||``
+      (:func:`kronlayers.functional._amp.balance_cp_stages`). Then each term's core
+      ``|c_r| <= ||x|| sqrt(P_r)`` lies between the input's and the output's scale, so badly
+      balanced factors (norms ``1e3`` and ``1e-3``) no longer overflow the core where the
+      dense layer stays finite. Not guaranteed: finiteness when the terms themselves exceed
+      the format (``||x|| sqrt(P_r)`` above ~65504 for fp16) even if they cancel in ``y``, or
+      accuracy beyond the format's (about 3 and 2 significant digits).
+    * Meta tensors: meta input and factors give a meta output of the right shape (shape
+      inference); mixing devices raises ``ValueError`` naming the argument.
+    * ``strategy="auto"`` with a symbolic batch size (``torch.export`` with a dynamic batch,
+      ``torch.compile(dynamic=True)``) takes the large-batch route, so one graph serves
+      every batch size; concrete batch sizes use the cost model (:func:`make_plan`).
 
     Args:
         input: ``(*, H_in)`` with ``H_in = prod_q in_q``.
@@ -450,7 +527,6 @@ def cp_linear(
         >>> torch.allclose(y, x @ w.T, atol=1e-4)
         True
     """
-    check_tensor("input", input)
     in_shape, rank = check_cp_factors(in_factors, "in_factors")
     out_shape, out_rank = check_cp_factors(out_factors, "out_factors")
     if out_rank != rank:
@@ -458,27 +534,20 @@ def cp_linear(
             f"in_factors and out_factors must share the rank (dim 1): in_factors have {rank}, "
             f"out_factors have {out_rank}"
         )
-    check_linear_args(
-        input,
-        bias,
-        prod(in_shape),
-        prod(out_shape),
-        f"the product of the in_factors' sizes {in_shape}",
-    )
-    factors = [*in_factors, *out_factors]
-    named = [(f"in_factors[{k}]", f) for k, f in enumerate(in_factors)]
-    named += [(f"out_factors[{k}]", f) for k, f in enumerate(out_factors)]
-    if bias is not None:
-        named.append(("bias", bias))
+    check_linear_input(input, prod(in_shape), f"the product of the in_factors' sizes {in_shape}")
     # Under autocast apply_autocast casts every argument to one dtype, so only the device
     # has to match there.
     autocast = _autocast_dtype(input.device.type) is not None
-    for name, t in named:
-        if t.device != input.device or (t.dtype != input.dtype and not autocast):
-            raise TypeError(
-                f"{name} has dtype {t.dtype} on {t.device}, but input has dtype {input.dtype} "
-                f"on {input.device}; they must match"
-            )
-    n = input.numel() // prod(in_shape)
+    for k, f in enumerate(in_factors):
+        check_like(f"in_factors[{k}]", f, input, autocast=autocast)
+    for k, f in enumerate(out_factors):
+        check_like(f"out_factors[{k}]", f, input, autocast=autocast)
+    check_bias(bias, prod(out_shape), input, autocast=autocast)
+    # fp16 / bf16 only: equalize the factors' column norms per rank term (the weight is
+    # unchanged; float32 / float64 calls get the very same tensors).
+    in_factors, out_factors = balance_cp_stages(
+        [list(in_factors), list(out_factors)], compute_dtype(input)
+    )
+    n = input.numel() // prod(in_shape)  # symbolic under torch.export / dynamic compile
     plan = make_plan(in_shape, out_shape, rank, n, strategy)
-    return apply_autocast(CPLinearFunction, input, bias, plan, *factors)[0]
+    return apply_autocast(CPLinearFunction, input, bias, plan, *in_factors, *out_factors)[0]

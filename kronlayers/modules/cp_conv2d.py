@@ -2,48 +2,36 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .._shapes import check_rank, check_shape, prod
-from ..decomposition import cp_decompose, cp_rank_from_fraction
-from ..functional.cp_conv2d import conv2d_padding, cp_conv2d, cp_conv2d_kernel, pair_arg
+from .._shapes import prod
+from .._validation import check_rank, check_shape, check_tensor
+from ..decomposition.cp import cp_decompose, cp_max_rank, cp_rank_from_fraction
+from ..decomposition.whitening import DEFAULT_DAMPING, whitened_cp
+from ..functional.cp_conv2d import cp_conv2d, cp_conv2d_flops, cp_conv2d_kernel
+from ._base import FactorizedConv2d, NotCompressible
 
 __all__ = ["CPConv2d"]
 
-_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
 
 def _resolve_rank(rank: object, tensor_shape: Sequence[int]) -> int:
+    rank = check_rank(rank)
     if isinstance(rank, float):
         return cp_rank_from_fraction(rank, tensor_shape)
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
-        raise ValueError(
-            f"rank must be an int >= 1 or a float in (0, 1], got {type(rank).__name__} {rank!r}"
-        )
-    return check_rank(int(rank))
+    return rank
 
 
 def _resolve_shape(name: str, shape: Sequence[int] | None, total: int, total_name: str) -> tuple:
     if shape is None:
         return (total,)
-    if isinstance(shape, (int, str)) or not isinstance(shape, Sequence) or len(shape) == 0:
-        raise ValueError(f"{name} must be a non-empty sequence of ints or None, got {shape!r}")
     return check_shape(name, shape, total, total_name)
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-class CPConv2d(nn.Module):
+class CPConv2d(FactorizedConv2d):
     r"""2-D convolution whose ``(C_out, C_in, kh, kw)`` kernel is a rank-``R`` CP tensor.
 
     .. math::
@@ -115,6 +103,7 @@ class CPConv2d(nn.Module):
         0.83
     """
 
+    method: ClassVar[str] = "cp"
     in_factors: nn.ParameterList
     out_factors: nn.ParameterList
     bias: torch.Tensor | None
@@ -137,33 +126,12 @@ class CPConv2d(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, device=device, dtype=dtype,
+        )  # fmt: skip
         factory = {"device": device, "dtype": dtype}
-        in_channels = _positive_int("in_channels", in_channels)
-        out_channels = _positive_int("out_channels", out_channels)
-        if groups != 1:
-            raise ValueError(
-                f"groups must be 1 for CPConv2d (grouped convolutions are not CP-factorized), "
-                f"got groups={groups!r}"
-            )
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
-        self.kernel_size = pair_arg("kernel_size", kernel_size, 1)
-        self.stride = pair_arg("stride", stride, 1)
-        self.dilation = pair_arg("dilation", dilation, 1)
-        # Validates every padding form (and 'same' with a stride) once, up front.
-        top, bottom, left, right = conv2d_padding(
-            padding, self.kernel_size, self.stride, self.dilation
-        )
-        self.padding: str | tuple[int, int] = (
-            padding if isinstance(padding, str) else pair_arg("padding", padding, 0)
-        )
-        # As in nn.Conv2d: the F.pad argument (last dim first) for non-'zeros' padding modes.
-        self._reversed_padding_repeated_twice = [left, right, top, bottom]
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.groups = 1
-        self.padding_mode = padding_mode
+        in_channels, out_channels = self.in_channels, self.out_channels
         self.in_shape = _resolve_shape("in_shape", in_shape, in_channels, "in_channels")
         self.out_shape = _resolve_shape("out_shape", out_shape, out_channels, "out_channels")
         self.rank = _resolve_rank(rank, self.tensor_shape)
@@ -177,11 +145,7 @@ class CPConv2d(nn.Module):
         )
         self.kh_factor = nn.Parameter(torch.empty(self.kernel_size[0], r, **factory))
         self.kw_factor = nn.Parameter(torch.empty(self.kernel_size[1], r, **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reconstruction_error: float | None = None
+        self.output_error: float | None = None
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------
@@ -208,10 +172,8 @@ class CPConv2d(nn.Module):
             list(self.in_factors), list(self.out_factors), (self.kh_factor, self.kw_factor)
         )
 
-    @property
-    def compression_ratio(self) -> float:
-        """Dense kernel parameters / CP factor parameters (bias excluded)."""
-        return prod(self.tensor_shape) / (self.rank * sum(self.tensor_shape))
+    def factor_parameters(self) -> list[nn.Parameter]:
+        return self.factors
 
     def reset_parameters(self) -> None:
         """Initialise so that the dense kernel's variance is ``nn.Conv2d``'s, ``1 / (3 fan_in)``.
@@ -223,22 +185,14 @@ class CPConv2d(nn.Module):
         drawn ``N(0, s^2)`` with ``s = (1 / (3 fan_in R))^(1 / (2K))``. The bias follows
         ``nn.Conv2d``: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
         """
-        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         n_factors = len(self.tensor_shape)
-        std = (1.0 / (3.0 * fan_in * self.rank)) ** (1.0 / (2 * n_factors))
+        std = (1.0 / (3.0 * self.fan_in * self.rank)) ** (1.0 / (2 * n_factors))
         with torch.no_grad():
             for f in self.factors:
                 f.normal_(0.0, std)
-            if self.bias is not None:
-                bound = 1.0 / math.sqrt(fan_in)
-                self.bias.uniform_(-bound, bound)
+        self._reset_bias()
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        padding: object = self.padding
-        if self.padding_mode != "zeros":
-            # As nn.Conv2d: pad explicitly with the mode, then convolve without padding.
-            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
+    def _conv_forward(self, input: torch.Tensor, padding: object) -> torch.Tensor:
         return cp_conv2d(
             input,
             list(self.in_factors),
@@ -250,27 +204,21 @@ class CPConv2d(nn.Module):
             self.dilation,
         )
 
-    def extra_repr(self) -> str:
-        s = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}"
-        )
-        if self.padding != (0, 0):
-            s += (
-                f", padding={self.padding!r}"
-                if isinstance(self.padding, str)
-                else (f", padding={self.padding}")
-            )
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode}"
-        s += f", rank={self.rank}"
+    def flops(self, input_shape: Sequence[int]) -> int:
+        batch, (h, w) = self._batch_and_size(input_shape)
+        padding: object = self.padding
+        if self.padding_mode != "zeros":  # the input is padded first, then convolved unpadded
+            top, bottom, left, right = self.resolved_padding
+            h, w, padding = h + top + bottom, w + left + right, 0
+        return cp_conv2d_flops(
+            self.in_channels, self.out_channels, self.kernel_size, self.rank, (h, w), batch,
+            self.stride, padding, self.dilation,
+        )  # fmt: skip
+
+    def rank_label(self) -> str:
+        s = f"rank={self.rank}"
         if len(self.in_shape) > 1 or len(self.out_shape) > 1:
             s += f", in_shape={self.in_shape}, out_shape={self.out_shape}"
-        s += f", compression={self.compression_ratio:.1f}x"
         return s
 
     # ------------------------------------------------------------------------------------------
@@ -285,44 +233,93 @@ class CPConv2d(nn.Module):
         rank: int | float,
         in_shape: Sequence[int] | None = None,
         out_shape: Sequence[int] | None = None,
+        input_gram: torch.Tensor | None = None,
+        damping: float = DEFAULT_DAMPING,
+        n_iter_max: int = 100,
+        tol: float = 1e-5,
+        init: Sequence[torch.Tensor] | None = None,
+        refine_iter: int = 10,
     ) -> CPConv2d:
         """A ``CPConv2d`` approximating a trained ``nn.Conv2d`` by CP decomposition of its kernel.
 
-        The kernel, reshaped to ``(*out_shape, *in_shape, kh, kw)``, is decomposed by
-        :func:`kronlayers.decomposition.cp_decompose` (ALS, SVD init, float64, on the kernel's
-        device); bias, stride, padding, dilation and padding_mode are copied, and the new layer
-        has the conv's device and dtype. The relative error
-        ``||W - W_cp||_F / ||W||_F`` is stored in ``reconstruction_error`` on the returned
-        layer: check it; a low rank on a trained kernel can be a poor approximation.
+        Data-free (``input_gram=None``): the kernel, reshaped to ``(*out_shape, *in_shape, kh,
+        kw)``, is decomposed by :func:`kronlayers.decomposition.cp_decompose` (CP-ALS in
+        torch, HOSVD init or the warm start ``init``, at most ``n_iter_max`` sweeps, relative
+        tolerance ``tol``, on the kernel's device), minimising ``||W - W_cp||_F``.
+
+        Calibrated (``input_gram=G``, the ``(C_in kh kw)``-square Gram of the layer's unfolded
+        input patches in ``F.unfold`` order, e.g. from
+        :func:`kronlayers.calibration.collect_statistics`): the factors minimise the error of
+        the outputs on that data, ``tr((W - Ŵ) G (W - Ŵ)ᵀ)`` with ``W`` the
+        ``(C_out, C_in kh kw)`` kernel matrix (from the data-free decomposition, at most
+        ``refine_iter`` sweeps on the full ``G``, each lowering the objective:
+        :func:`kronlayers.decomposition.whitening.whitened_cp`).
+
+        Bias, stride, padding, dilation and padding_mode are copied, and the new layer has the
+        conv's device and dtype. ``reconstruction_error`` holds ``||W - W_cp||_F / ||W||_F``
+        (check it: a low rank on a trained kernel can be a poor approximation) and, when
+        calibrated, ``output_error`` the relative output error on the calibration data.
         """
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        if conv.groups != 1:
-            raise ValueError(f"conv.groups must be 1 to CP-decompose it, got {conv.groups}")
+        cls._check_dense(conv)
         weight = conv.weight
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            rank=rank,
-            in_shape=in_shape,
-            out_shape=out_shape,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
-        factors, rel_error = cp_decompose(weight.detach().reshape(layer.tensor_shape), layer.rank)
+        layer = cls.like(conv, rank=rank, in_shape=in_shape, out_shape=out_shape)
+        if input_gram is not None:
+            check_tensor("input_gram", input_gram)
+            factors, out_err = whitened_cp(
+                weight.detach().reshape(layer.out_channels, -1),
+                input_gram.to(weight.device),
+                layer.out_shape,
+                (*layer.in_shape, *layer.kernel_size),
+                layer.rank,
+                damping=damping,
+                n_iter_max=n_iter_max,
+                tol=tol,
+                refine_iter=refine_iter,
+                init=init,
+            )
+        else:
+            factors, _ = cp_decompose(
+                weight.detach().reshape(layer.tensor_shape),
+                layer.rank,
+                n_iter_max=n_iter_max,
+                tol=tol,
+                init="svd" if init is None else init,
+            )
+            out_err = None
         with torch.no_grad():
             for p, f in zip(layer.factors, factors, strict=True):
                 p.copy_(f)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        layer.reconstruction_error = rel_error
+        layer._copy_bias_from(conv)
+        layer._record_error(weight)
+        layer.output_error = out_err
         return layer
+
+    @classmethod
+    def compress_config(cls, module: nn.Conv2d, rank: int | float | tuple) -> dict[str, Any]:
+        """``from_conv`` arguments for :func:`kronlayers.compress`: ``rank`` (an int, or a
+        float fraction by TensorLy's rule) over the untensorized ``(C_out, C_in, kh, kw)``
+        kernel, or :class:`NotCompressible` when that needs at least the dense weight count."""
+        if module.groups != 1:
+            raise NotCompressible(
+                f"grouped convolution (groups={module.groups}) is not CP-factorized"
+            )
+        tensor_shape = (module.out_channels, module.in_channels, *module.kernel_size)
+        r = _resolve_rank(rank, tensor_shape)
+        # No tensor of this shape has a rank above cp_max_rank: a float rank is capped there.
+        cap = cp_max_rank(tensor_shape)
+        if isinstance(rank, float):
+            r = min(r, cap)
+        elif r > cap:
+            raise NotCompressible(
+                f"CP rank {r} exceeds {cap}, the largest rank of a {tensor_shape} kernel"
+            )
+        weights, dense = r * sum(tensor_shape), prod(tensor_shape)
+        if weights >= dense:
+            raise NotCompressible(
+                f"CP rank {r} of kernel {tensor_shape} needs {weights:,} weights, not fewer "
+                f"than the dense {dense:,}"
+            )
+        return {"rank": r}
 
     @classmethod
     def from_tltorch(cls, layer: nn.Module) -> CPConv2d:

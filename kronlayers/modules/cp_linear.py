@@ -4,27 +4,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from .._shapes import balanced_factorization, check_rank, check_shape, prod
-from ..decomposition import cp_decompose, cp_rank_from_fraction, cp_to_tensor
-from ..functional.cp_linear import MAX_MODES, cp_linear
+from .._shapes import MAX_MODES, balanced_factorization, prod
+from .._validation import check_int, check_rank, check_shape, check_tensor
+from ..decomposition.cp import cp_decompose, cp_max_rank, cp_rank_from_fraction, cp_to_tensor
+from ..decomposition.whitening import DEFAULT_DAMPING, whitened_cp
+from ..functional.cp_linear import cp_linear, cp_linear_flops
+from ._base import FactorizedLinear, NotCompressible
 
 if TYPE_CHECKING:
     import tltorch
 
 __all__ = ["CPLinear"]
-
-
-def _check_features(name: str, value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def _tensorized(name: str, shape, features: int, features_name: str, order: int) -> tuple:
@@ -36,15 +31,14 @@ def _tensorized(name: str, shape, features: int, features_name: str, order: int)
     return shape
 
 
-def _resolve_rank(rank: int | float, tensor_shape: Sequence[int]) -> int:
+def _resolve_rank(rank: object, tensor_shape: Sequence[int]) -> int:
+    rank = check_rank(rank)
     if isinstance(rank, float):
         return cp_rank_from_fraction(rank, tensor_shape)
-    if not isinstance(rank, int) or isinstance(rank, bool):
-        raise TypeError(f"rank must be an int or a float in (0, 1], got {type(rank).__name__}")
-    return check_rank(rank)
+    return rank
 
 
-class CPLinear(nn.Module):
+class CPLinear(FactorizedLinear):
     r"""Applies ``y = x W^T + b`` where ``W`` is a tensorized CP (CANDECOMP/PARAFAC) tensor.
 
     The ``(out_features, in_features)`` weight, viewed row-major as
@@ -96,6 +90,8 @@ class CPLinear(nn.Module):
         in_shape, out_shape (tuple[int, ...]): the tensorized shapes.
         reconstruction_error (float | None): set by :meth:`from_linear` to the relative
             Frobenius error ``||W - W_cp|| / ||W||`` of the decomposition; ``None`` otherwise.
+        output_error (float | None): set by a calibrated :meth:`from_linear` to the relative
+            output error on the calibration data; ``None`` otherwise.
 
     Example::
 
@@ -109,12 +105,12 @@ class CPLinear(nn.Module):
         True
     """
 
+    method: ClassVar[str] = "cp"
     in_features: int
     out_features: int
     rank: int
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    reconstruction_error: float | None
 
     def __init__(
         self,
@@ -129,12 +125,12 @@ class CPLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        in_features, out_features = self.in_features, self.out_features
         factory = {"device": device, "dtype": dtype}
-        self.in_features = _check_features("in_features", in_features)
-        self.out_features = _check_features("out_features", out_features)
-        if not isinstance(order, int) or isinstance(order, bool) or not 1 <= order <= MAX_MODES:
-            raise ValueError(f"order must be an int in [1, {MAX_MODES}], got {order!r}")
+        order = check_int("order", order, minimum=1)
+        if order > MAX_MODES:
+            raise ValueError(f"order must be <= {MAX_MODES}, got {order}")
         self.in_shape = _tensorized("in_shape", in_shape, in_features, "in_features", order)
         self.out_shape = _tensorized("out_shape", out_shape, out_features, "out_features", order)
         self.rank = _resolve_rank(rank, (*self.out_shape, *self.in_shape))
@@ -144,11 +140,7 @@ class CPLinear(nn.Module):
         self.out_factors = nn.ParameterList(
             nn.Parameter(torch.empty(d, self.rank, **factory)) for d in self.out_shape
         )
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reconstruction_error = None
+        self.output_error: float | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -161,9 +153,7 @@ class CPLinear(nn.Module):
         with torch.no_grad():
             for f in (*self.in_factors, *self.out_factors):
                 f.uniform_(-bound, bound)
-            if self.bias is not None:
-                b = 1.0 / math.sqrt(self.in_features)
-                self.bias.uniform_(-b, b)
+        self._reset_bias()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -174,20 +164,14 @@ class CPLinear(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return cp_linear(input, list(self.in_factors), list(self.out_factors), self.bias)
 
-    @property
-    def compression_ratio(self) -> float:
-        """Dense weight parameters over CP weight parameters (biases excluded)."""
-        return (self.in_features * self.out_features) / (
-            self.rank * (sum(self.in_shape) + sum(self.out_shape))
-        )
+    def factor_parameters(self) -> list[nn.Parameter]:
+        return [*self.in_factors, *self.out_factors]
 
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, in_shape={self.in_shape}, "
-            f"out_shape={self.out_shape}, rank={self.rank}, "
-            f"compression={self.compression_ratio:.2f}x"
-        )
+    def flops(self, input_shape: Sequence[int]) -> int:
+        return cp_linear_flops(self.in_shape, self.out_shape, self.rank, self._rows(input_shape))
+
+    def rank_label(self) -> str:
+        return f"in_shape={self.in_shape}, out_shape={self.out_shape}, rank={self.rank}"
 
     @classmethod
     def from_linear(
@@ -198,17 +182,35 @@ class CPLinear(nn.Module):
         in_shape: Sequence[int] | None = None,
         out_shape: Sequence[int] | None = None,
         order: int = 2,
+        input_gram: torch.Tensor | None = None,
+        damping: float = DEFAULT_DAMPING,
+        n_iter_max: int = 100,
+        tol: float = 1e-5,
+        init: Sequence[torch.Tensor] | None = None,
+        refine_iter: int = 10,
     ) -> CPLinear:
         """A ``CPLinear`` approximating ``linear`` by a rank-``rank`` CP decomposition.
 
-        The tensorized weight ``(*out_shape, *in_shape)`` is decomposed with
-        :func:`kronlayers.decomposition.cp_decompose` (alternating least squares, float64,
-        on the weight's device); the bias is copied. The relative reconstruction error
-        ``||W - W_cp||_F / ||W||_F`` is stored in ``reconstruction_error`` of the result.
+        Data-free (``input_gram=None``): the tensorized weight ``(*out_shape, *in_shape)`` is
+        decomposed with :func:`kronlayers.decomposition.cp_decompose` (CP-ALS in torch, HOSVD
+        initialisation or the warm start ``init`` — factors out modes first, possibly of a
+        lower rank —, at most ``n_iter_max`` sweeps, stopping when the error improves by less
+        than ``tol`` relative), minimising ``||W - W_cp||_F``.
+
+        Calibrated (``input_gram=G``, the ``(in, in)`` Gram / second-moment matrix of the
+        layer's inputs, e.g. from :func:`kronlayers.calibration.collect_statistics`): the
+        factors minimise the error of the outputs on that data, ``tr((W - Ŵ) G (W - Ŵ)ᵀ) =
+        ||X Wᵀ - X Ŵᵀ||²`` (``G`` damped by ``damping * mean(diag G)``): from the data-free
+        decomposition, at most ``refine_iter`` sweeps on the full ``G`` (exact output-factor
+        updates, preconditioned conjugate gradients for the input factors), each lowering the
+        objective, so never worse than data-free on the calibration data
+        (:func:`kronlayers.decomposition.whitening.whitened_cp`).
+
+        The bias is copied. ``reconstruction_error`` holds ``||W - W_cp||_F / ||W||_F`` and,
+        when calibrated, ``output_error`` the relative output error on the calibration data.
         The new layer has ``linear``'s device and dtype.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        cls._check_dense(linear)
         w = linear.weight
         layer = cls(
             linear.in_features,
@@ -221,19 +223,67 @@ class CPLinear(nn.Module):
             device=w.device,
             dtype=w.dtype,
         )
-        factors, error = cp_decompose(
-            w.detach().reshape(*layer.out_shape, *layer.in_shape), layer.rank
-        )
+        if input_gram is not None:
+            check_tensor("input_gram", input_gram)
+            factors, out_err = whitened_cp(
+                w.detach(),
+                input_gram.to(w.device),
+                layer.out_shape,
+                layer.in_shape,
+                layer.rank,
+                damping=damping,
+                n_iter_max=n_iter_max,
+                tol=tol,
+                refine_iter=refine_iter,
+                init=init,
+            )
+        else:
+            factors, _ = cp_decompose(
+                w.detach().reshape(*layer.out_shape, *layer.in_shape),
+                layer.rank,
+                n_iter_max=n_iter_max,
+                tol=tol,
+                init="svd" if init is None else init,
+            )
+            out_err = None
         n_out = len(layer.out_shape)
         with torch.no_grad():
             for p, f in zip(layer.out_factors, factors[:n_out], strict=True):
                 p.copy_(f)
             for p, f in zip(layer.in_factors, factors[n_out:], strict=True):
                 p.copy_(f)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        layer.reconstruction_error = error
+        layer._copy_bias_from(linear)
+        layer._record_error(w)
+        layer.output_error = out_err
         return layer
+
+    @classmethod
+    def compress_config(cls, module: nn.Linear, rank: int | float | tuple) -> dict[str, Any]:
+        """``from_linear`` arguments for :func:`kronlayers.compress`: the default (most
+        balanced two-way) shapes and ``rank`` (an int, or a float fraction by TensorLy's rule),
+        or :class:`NotCompressible` when that needs at least the dense weight count.
+
+        A float rank is capped at :func:`kronlayers.decomposition.cp.cp_max_rank` (the
+        product of all modes but the largest: the rank no tensor of that shape exceeds); an
+        int rank above it is :class:`NotCompressible`."""
+        in_shape = balanced_factorization(module.in_features, 2)
+        out_shape = balanced_factorization(module.out_features, 2)
+        tensor_shape = (*out_shape, *in_shape)
+        r = _resolve_rank(rank, tensor_shape)
+        cap = cp_max_rank(tensor_shape)
+        if isinstance(rank, float):
+            r = min(r, cap)
+        elif r > cap:
+            raise NotCompressible(
+                f"CP rank {r} exceeds {cap}, the largest rank of a {tensor_shape} tensor"
+            )
+        weights, dense = r * sum(tensor_shape), prod(tensor_shape)
+        if weights >= dense:
+            raise NotCompressible(
+                f"CP rank {r} of in {in_shape} out {out_shape} needs {weights:,} weights, not "
+                f"fewer than the dense {dense:,}"
+            )
+        return {"rank": r, "in_shape": in_shape, "out_shape": out_shape}
 
     @classmethod
     def from_tltorch(cls, layer: tltorch.FactorizedLinear) -> CPLinear:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._shapes import check_tensor
+from .._validation import check_tensor
 
 __all__ = ["kron", "kron_dense", "kron_matmul"]
 
