@@ -275,7 +275,7 @@ class ModelSummary:
         rows = [header]
         for r in self.rows:
             dense = (num(r.dense_params), num(r.dense_flops)) if r.compressed else ("", "")
-            kind = r.kind + (" (ops)" if r.ops else "")
+            kind = r.kind + (" (ops)" if r.ops else "") + (f" [{r.path}]" if r.path else "")
             where = (r.name or "(root)", kind, shape(r.input_shape), shape(r.output_shape))
             rows.append((*where, num(r.params), flops(r.flops, bool(r.uncounted)), *dense))
         partial = bool(self.uncounted)
@@ -560,9 +560,8 @@ def summary(
         rows.append(
             LayerSummary(
                 name=names.get(id(module), "?"),
-                kind=type(module).__name__
-                + (f" [{path}]" if (path := _path_of(module, x)) else ""),
-                path=path,
+                kind=type(module).__name__,
+                path=_path_of(module, x),
                 input_shape=None if x is None else tuple(x.shape),
                 output_shape=None if y is None else tuple(y.shape),
                 params=params,

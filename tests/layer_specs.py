@@ -175,6 +175,7 @@ SPECS: list[LayerSpec] = [
     ),
 ]
 
+
 def dense_reference(layer: FactorizedLayer, x, weight=None, bias=None):
     """The dense module's output with ``weight`` (default: ``layer.weight``), differentiable."""
     import torch

@@ -1043,6 +1043,11 @@ def test_cp_conv2d_output_keeps_the_input_memory_format():
     y = cp_conv2d(x.contiguous(memory_format=torch.channels_last), ins, outs, ks, padding=1)
     assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
     torch.testing.assert_close(y, ref)
+    # Neither format (a transposed view): treated as NCHW, like F.conv2d's contiguous output.
+    xt = torch.randn(2, 4, 6, 6, dtype=F64).transpose(2, 3)
+    y = cp_conv2d(xt, ins, outs, ks, padding=1)
+    assert y.is_contiguous() and not y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, F.conv2d(xt, cp_conv2d_kernel(ins, outs, ks), padding=1))
 
 
 def test_cp_linear_plan_and_cp_conv2d_config_are_hashable_and_frozen():
