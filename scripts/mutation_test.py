@@ -210,6 +210,12 @@ EQUIVALENT: dict[str, str] = {
     "c4c359b2": "drops the ridge of the second Cholesky attempt: a singular Gram then falls "
     "through to the pseudo-inverse, which gives the same solution (to ~1e-12 relative) on the "
     "Gram's range, where the normal equations' right-hand side lies; only the cost differs.",
+    "c8b4e92e": "the ridge `1e-12 tr(V) / R` -> `1e-12 tr(V) * R` (only used when Cholesky "
+    "fails on a singular Gram): a relative perturbation of the Gram of at most 1e-12 R^2, "
+    "below the ALS's own rounding and tolerance for any rank these layers use.",
+    # decomposition/nearest_kronecker.py
+    "b57149ec": "`svd(full_matrices=False)` -> True: the extra singular vectors are sliced away "
+    "by `[:, :rank]` / `[:rank]` right after; only the cost changes.",
     "19fa6ed9": "shrinks the ridge to `tiny`: as for `c4c359b2`, a singular Gram then takes "
     "the pseudo-inverse fallback, with the same solution up to rounding.",
 }

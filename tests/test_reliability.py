@@ -981,10 +981,12 @@ def test_cp_decompose_exact_recovery_float64_matrices_and_warm_starts():
 def test_cp_decompose_float32_keeps_dtype_and_converges():
     from kronlayers.decomposition import cp_decompose
 
-    t, _ = _low_rank_tensor((6, 5, 4), 2, dtype=torch.float32)
+    t, _ = _low_rank_tensor((7, 6, 5), 2, dtype=torch.float32)
     factors, err = cp_decompose(t, 2)
     assert all(f.dtype == torch.float32 for f in factors)
-    assert err < 1e-4
+    # Small problems run the ALS in float64 even for float32 input: the error is then only
+    # the rounding of the returned factors (~2e-8 here; a float32 ALS stops near 2e-7).
+    assert err < 1e-7
 
 
 def test_solve_normal_handles_singular_grams():
