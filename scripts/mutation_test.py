@@ -187,6 +187,9 @@ EQUIVALENT: dict[str, str] = {
     "6219470d": "`zip(..., strict=True)` -> `strict=False`: the zipped lists are built with "
     "equal lengths just above.",
     # functional/cp_conv2d.py
+    "b1905b48": "the fallback `lambda t: False` for a torch without "
+    "`torch._C._functorch.is_functorch_wrapped_tensor` -> `True`: the fallback is never "
+    "used with the torch versions this package supports (the attribute exists since 2.0).",
     "2d1bbd8f": "the NHWC-GEMM threshold 16 -> 17 channels only picks which of two equal-valued "
     "GEMM layouts runs for 16 output channels (speed, not values; the fresh-output branch "
     "and its fallback share the constant).",
@@ -701,8 +704,8 @@ def write_report(path: Path, outcomes: list[Outcome], info: dict) -> None:
         f"{len(equivalent)} equivalent survivors out (they cannot be killed): "
         f"**{score_eq:.1f}%**.",
         "",
-        "Tests run per target file (`-x`, fast selections; compile tests excluded, see "
-        "`SELECTIONS` in the script):",
+        "Tests run per target file (`-x`, fast selections; the generic fullgraph compile tests "
+        "excluded, see `SELECTIONS` and `EXCLUDE` in the script):",
         "",
     ]
     for rel, n in info["selection_sizes"].items():
