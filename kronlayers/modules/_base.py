@@ -381,6 +381,17 @@ class FactorizedConv2d(FactorizedLayer):
         batch = int(input_shape[0]) if len(input_shape) == 4 else 1
         return batch, (int(input_shape[-2]), int(input_shape[-1]))
 
+    def _kernel_call_geometry(
+        self, input_shape: Sequence[int]
+    ) -> tuple[int, tuple[int, int], object]:
+        """``(batch, (H, W), padding)`` as the functional kernel sees a call: with a
+        non-``'zeros'`` padding mode the input is padded first and convolved unpadded."""
+        batch, (h, w) = self._batch_and_size(input_shape)
+        if self.padding_mode == "zeros":
+            return batch, (h, w), self.padding
+        top, bottom, left, right = self.resolved_padding
+        return batch, (h + top + bottom, w + left + right), 0
+
     def dense_num_weights(self) -> int:
         return self.out_channels * self.fan_in
 

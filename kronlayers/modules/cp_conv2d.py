@@ -205,11 +205,7 @@ class CPConv2d(FactorizedConv2d):
         )
 
     def flops(self, input_shape: Sequence[int]) -> int:
-        batch, (h, w) = self._batch_and_size(input_shape)
-        padding: object = self.padding
-        if self.padding_mode != "zeros":  # the input is padded first, then convolved unpadded
-            top, bottom, left, right = self.resolved_padding
-            h, w, padding = h + top + bottom, w + left + right, 0
+        batch, (h, w), padding = self._kernel_call_geometry(input_shape)
         return cp_conv2d_flops(
             self.in_channels, self.out_channels, self.kernel_size, self.rank, (h, w), batch,
             self.stride, padding, self.dilation,
