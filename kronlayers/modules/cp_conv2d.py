@@ -11,7 +11,7 @@ from torch import nn
 from .._shapes import prod
 from .._validation import check_rank, check_shape, check_tensor
 from ..decomposition.cp import cp_decompose, cp_max_rank, cp_rank_from_fraction
-from ..decomposition.whitening import DEFAULT_DAMPING, whitened_cp
+from ..decomposition.whitening import DEFAULT_DAMPING, _check_damping, whitened_cp
 from ..functional.cp_conv2d import cp_conv2d, cp_conv2d_flops, cp_conv2d_kernel
 from ._base import FactorizedConv2d, NotCompressible
 
@@ -257,6 +257,8 @@ class CPConv2d(FactorizedConv2d):
         calibrated, ``output_error`` the relative output error on the calibration data.
         """
         cls._check_dense(conv)
+        # Checked up front: without input_gram it would be accepted and ignored.
+        _check_damping(damping)
         weight = conv.weight
         layer = cls.like(conv, rank=rank, in_shape=in_shape, out_shape=out_shape)
         if input_gram is not None:

@@ -12,7 +12,7 @@ from torch import nn
 from .._shapes import MAX_MODES, balanced_factorization, prod
 from .._validation import check_int, check_rank, check_shape, check_tensor
 from ..decomposition.cp import cp_decompose, cp_max_rank, cp_rank_from_fraction, cp_to_tensor
-from ..decomposition.whitening import DEFAULT_DAMPING, whitened_cp
+from ..decomposition.whitening import DEFAULT_DAMPING, _check_damping, whitened_cp
 from ..functional.cp_linear import cp_linear, cp_linear_flops
 from ._base import FactorizedLinear, NotCompressible
 
@@ -211,6 +211,8 @@ class CPLinear(FactorizedLinear):
         The new layer has ``linear``'s device and dtype.
         """
         cls._check_dense(linear)
+        # Checked up front: without input_gram it would be accepted and ignored.
+        _check_damping(damping)
         w = linear.weight
         layer = cls(
             linear.in_features,

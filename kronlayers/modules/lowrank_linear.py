@@ -10,7 +10,7 @@ from torch import nn
 
 from .._validation import check_int, check_rank, check_tensor
 from ..decomposition.cp import cp_rank_from_fraction
-from ..decomposition.whitening import DEFAULT_DAMPING, thin_svd, whitened_low_rank
+from ..decomposition.whitening import DEFAULT_DAMPING, _check_damping, thin_svd, whitened_low_rank
 from ._base import NotCompressible
 from .cp_linear import CPLinear
 
@@ -146,6 +146,8 @@ class LowRankLinear(CPLinear):
         Sets ``reconstruction_error`` (weights) and, when calibrated, ``output_error``.
         """
         cls._check_dense(linear)
+        # Checked up front: without input_gram it would be accepted and ignored.
+        _check_damping(damping)
         w = linear.weight
         layer = cls(
             linear.in_features,

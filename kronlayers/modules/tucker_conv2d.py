@@ -11,7 +11,7 @@ from torch import nn
 
 from .._validation import check_rank, check_tensor
 from ..decomposition.tucker import tucker2_decompose
-from ..decomposition.whitening import DEFAULT_DAMPING, whitened_tucker2
+from ..decomposition.whitening import DEFAULT_DAMPING, _check_damping, whitened_tucker2
 from ..functional.tucker_conv2d import tucker_conv2d, tucker_conv2d_flops, tucker_conv2d_kernel
 from ._base import FactorizedConv2d, NotCompressible
 
@@ -195,6 +195,8 @@ class TuckerConv2d(FactorizedConv2d):
         output error on the calibration data.
         """
         cls._check_dense(conv)
+        # Checked up front: without input_gram it would be accepted and ignored.
+        _check_damping(damping)
         layer = cls.like(conv, rank=rank)
         if input_gram is not None:
             check_tensor("input_gram", input_gram)
