@@ -242,6 +242,16 @@ def target_rows(device: str, quick: bool, rounds: int, min_run: float, peak: flo
     ]
     c, hw, b = (16, 16, 4) if quick else (64, 32, 32)
     specs.append(("conv-r32", conv_layers(c, 3, hw, b, max(4, c // 2), device), (b, c, hw, hw)))
+    # High ranks, as compress(rank=0.5) picks them (half the dense weights): the cases in
+    # which the factorized kernels cost more than the dense layer and the dispatcher must
+    # fall back to it.
+    torch.manual_seed(0)
+    wide = nn.Linear(384, 1536, bias=False, device=device)
+    rows_hr = 64 if quick else 256
+    specs.append(
+        ("high-rank", factorized_layers(wide, (rows_hr, 384), 0.5, device), (rows_hr, 384))
+    )
+    specs.append(("high-rank", conv_layers(c, 3, hw, b, 0.5, device), (b, c, hw, hw)))
     for tag, layers, shape in specs:
         x = torch.randn(shape, device=device)
         times = time_layers(layers, x, device, rounds, min_run)
@@ -290,6 +300,9 @@ def target_table(target: list[dict], grid: list[dict]) -> list[dict]:
             continue
         figure = ours["fwd+bwd ms"] / theirs["fwd+bwd ms"] if theirs else None
         add(f"{ours['config']} {ours['layer']} fwd+bwd / {peer}", figure, goal)
+    for r in rows_of("high-rank"):
+        if not r["layer"].startswith(("nn.", "tltorch", "FastKron")):
+            add(f"{r['config']} {r['layer']} (rank=0.5) fwd+bwd / dense", r["fwd+bwd/dense"], 1.5)
     ours = [r for r in grid + target if not r["layer"].startswith(("nn.", "tltorch", "FastKron"))]
     cheap = [r for r in ours if r.get("flop ratio", 1.0) <= 0.25]
     for key in ("fwd/dense", "fwd+bwd/dense"):
@@ -590,8 +603,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip CPU peak-memory subprocesses")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="default: benchmarks/results")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         _memory_child(json.loads(args.memory_child))
         return 0

@@ -16,6 +16,7 @@ or NumPy ints, like ``nn.Linear`` accepts) except ``bool``.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -34,6 +35,7 @@ __all__ = [
     "check_module",
     "check_pair",
     "check_rank",
+    "check_real",
     "check_shape",
     "check_tensor",
 ]
@@ -48,6 +50,23 @@ def check_int(name: str, value: object, minimum: int | None = None) -> int:
     if not _is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_real(name: str, value: object, minimum: float | None = None) -> float:
+    """``value`` as a finite ``float``: ``TypeError`` unless a real number (``bool`` and
+    tensors are not), ``ValueError`` for NaN, an infinity or a value below ``minimum``.
+
+    For numeric options such as tolerances, which a NaN or a negative value would otherwise
+    turn into "never stop" or "stop at once" without any error.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value

@@ -30,6 +30,7 @@ structure within the same weight count.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,17 +99,21 @@ class _LayerPlan:
 def check_budget(budget: object, method: str) -> int | float | None:
     """``budget`` validated for ``method``: ``None`` unless ``method="auto"``, which needs a
     float in ``(0, 1)`` or an int ``>= 1``."""
+    # The type first, whatever the method: budget="x" is a wrong type even where no budget
+    # is used.
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real)):
+        raise TypeError(
+            f"budget must be a float in (0, 1) or an int >= 1, got {type(budget).__name__} "
+            f"{budget!r}"
+        )
     if method != "auto":
         if budget is not None:
             raise ValueError(f"budget is only used with method='auto', got method={method!r}")
         return None
     if budget is None:
         raise ValueError("method='auto' needs a budget (a float fraction or an int weight count)")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise TypeError(
-            f"budget must be a float in (0, 1) or an int >= 1, got {type(budget).__name__}"
-        )
-    if isinstance(budget, float):
+    if not isinstance(budget, numbers.Integral):
+        budget = float(budget)
         if not 0.0 < budget < 1.0:
             raise ValueError(f"budget as a float must be in (0, 1), got {budget}")
         return float(budget)

@@ -321,6 +321,11 @@ def compress(
         from .plan import replay
 
         return replay(model, plan, inplace=inplace)
+    if not isinstance(method, str):
+        raise TypeError(
+            f"method must be a str, one of {(*methods(), 'auto')}, got "
+            f"{type(method).__name__} {method!r}"
+        )
     if method not in (*methods(), "auto"):
         raise ValueError(f"method must be one of {(*methods(), 'auto')}, got {method!r}")
     from .budget import check_budget

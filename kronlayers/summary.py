@@ -326,20 +326,23 @@ def _check_input_size(input_size: Sequence) -> list[tuple[int, ...]]:
     def is_shape(s: object) -> bool:
         return isinstance(s, Sequence) and not isinstance(s, str) and all(_is_int(v) for v in s)
 
-    if is_shape(input_size) and len(input_size) > 0:
+    what = (
+        "input_size must be a shape (a non-empty sequence of ints, batch dimension included) "
+        f"or a sequence of shapes, got {input_size!r}"
+    )
+    if isinstance(input_size, str) or not isinstance(input_size, Sequence):
+        raise TypeError(what)
+    # An empty shape is a sequence of the right type with a wrong length: a ValueError.
+    if len(input_size) == 0:
+        raise ValueError(what)
+    if is_shape(input_size):
         sizes = [tuple(int(v) for v in input_size)]
-    elif (
-        isinstance(input_size, Sequence)
-        and not isinstance(input_size, str)
-        and len(input_size) > 0
-        and all(is_shape(s) and len(s) > 0 for s in input_size)
-    ):
+    elif all(is_shape(s) for s in input_size):
+        if any(len(s) == 0 for s in input_size):
+            raise ValueError(what)
         sizes = [tuple(int(v) for v in s) for s in input_size]
     else:
-        raise TypeError(
-            "input_size must be a shape (a non-empty sequence of ints, batch dimension "
-            f"included) or a sequence of shapes, got {input_size!r}"
-        )
+        raise TypeError(what)
     for s in sizes:
         if any(v < 0 for v in s):
             raise ValueError(f"input_size must contain non-negative sizes, got {s}")

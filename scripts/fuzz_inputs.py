@@ -21,7 +21,7 @@ Each reaction is classified:
   ``nn.Linear(bias="yes")`` is accepted as truthy, a ``device`` string PyTorch does not know
   raises PyTorch's ``RuntimeError``, NaN inputs propagate): listed, not counted as failures.
 
-Writes ``scripts/results/fuzz.md``. Run (about a minute on 2 cores)::
+Writes ``scripts/results/fuzz.md``. Run (a few seconds on one core)::
 
     python scripts/fuzz_inputs.py [--per-entry 200] [--seed 0] [--out scripts/results/fuzz.md]
 """
@@ -213,6 +213,8 @@ def _catalogue(kind: str) -> list[Bad]:
             Bad("2", 2, T, same="truthy, as nn.Linear/nn.Conv2d(bias=2)"),
             Bad("None", None, T, same="falsy, as nn.Linear/nn.Conv2d(bias=None)"),
         ],
+        # A kronlayers-only flag: no PyTorch precedent to follow, so a non-bool is a TypeError.
+        "strict_bool": [Bad("'yes'", "yes", T), Bad("2", 2, T), Bad("None", None, T)],
         "rank": [
             Bad("0", 0, V),
             Bad("-2", -2, V),
@@ -246,11 +248,14 @@ def _catalogue(kind: str) -> list[Bad]:
             Bad("int64", torch.int64, T, same="nn.Linear(dtype=torch.int64) raises RuntimeError"),
             Bad("'float32'", "float32", T),
         ],
-        "float_pos": [
+        "float_pos": [  # a finite real >= 0 (tolerances, damping)
             Bad("-1.0", -1.0, V),
             Bad("nan", NAN, V),
+            Bad("inf", INF, V),
             Bad("'x'", "x", T),
             Bad("[]", [], T),
+            Bad("True", True, T),
+            Bad("tensor(0.1)", torch.tensor(0.1), T),
         ],
         "module_linear": [
             Bad("None", None, T),
@@ -266,7 +271,7 @@ def _catalogue(kind: str) -> list[Bad]:
             Bad("Conv1d", nn.Conv1d(3, 4, 3), T),
             Bad("tensor", torch.randn(4, 3, 3, 3), T),
         ],
-        "choice": [Bad("'bogus'", "bogus", V), Bad("3", 3, T), Bad("None", None, T, same=None)],
+        "choice": [Bad("'bogus'", "bogus", V), Bad("3", 3, T), Bad("None", None, T)],
         "gram": [
             Bad("list", lambda g: [[1.0]], T),
             Bad("1-D", lambda g: torch.ones(3), V),
@@ -275,6 +280,9 @@ def _catalogue(kind: str) -> list[Bad]:
         ],
         "init": [Bad("'x'", "x", V), Bad("[None]", [None], V), Bad("tensor", torch.ones(2), T)],
     }
+    # Where a sequence of ints is a valid rank (Tucker's (R_in, R_out), compress), an empty
+    # one has the right type and a wrong length, like check_pair's (3,) or check_shape's [].
+    c["rank_tuple"] = [Bad("[]", [], V) if b.what == "[]" else b for b in c["rank"]]
     return c.get(kind, [])
 
 
@@ -404,7 +412,7 @@ def _random_bad(kind: str, rng: random.Random, base: Any) -> Bad | None:
     if kind == "padding":
         v = -rng.randrange(1, 10**4)
         return Bad(f"{v}", v if rng.random() < 0.5 else (0, v), V)
-    if kind == "rank":
+    if kind in ("rank", "rank_tuple"):
         if rng.random() < 0.5:
             v = -rng.randrange(0, 10**6)
             return Bad(f"{v}", v, V)
@@ -509,9 +517,22 @@ KIND_BY_NAME = {
     "out_channels": "size", "kernel_size": "pair_size", "stride": "pair", "padding": "padding",
     "dilation": "pair", "groups": "groups", "bias": "bool", "padding_mode": "padding_mode",
     "rank": "rank", "in_shape": "shape", "out_shape": "shape", "order": "size",
-    "shared_factors": "bool", "device": "device", "dtype": "dtype", "n_iter_max": "count",
+    "shared_factors": "strict_bool", "device": "device", "dtype": "dtype", "n_iter_max": "count",
     "damping": "float_pos", "tol": "float_pos", "input_gram": "gram", "init": "init",
+    "refine_iter": "count",
 }  # fmt: skip
+
+
+def _kinds(params) -> dict[str, str]:
+    """Argument -> kind for the parameters of a signature that the catalogue knows."""
+    kinds = {}
+    for n, p in params.items():
+        if n not in KIND_BY_NAME:
+            continue
+        kinds[n] = KIND_BY_NAME[n]
+        if n == "rank" and "tuple" in str(p.annotation):  # annotations are strings here
+            kinds[n] = "rank_tuple"
+    return kinds
 
 
 def layer_entries() -> list[Entry]:
@@ -523,7 +544,7 @@ def layer_entries() -> list[Entry]:
         layer = spec.make()
         params = inspect.signature(cls.__init__).parameters
         ctor_args = dict(spec.kwargs)
-        kinds = {n: KIND_BY_NAME[n] for n in params if n in KIND_BY_NAME}
+        kinds = _kinds(params)
         for n in kinds:  # fill defaults so that every argument can be replaced
             if n not in ctor_args and params[n].default is not inspect.Parameter.empty:
                 ctor_args[n] = params[n].default
@@ -556,7 +577,7 @@ def layer_entries() -> list[Entry]:
         fd_params = inspect.signature(
             cls.from_linear if cls.dense_type is nn.Linear else cls.from_conv
         ).parameters
-        fd_kinds = {n: KIND_BY_NAME[n] for n in fd_params if n in KIND_BY_NAME}
+        fd_kinds = _kinds(fd_params)
         fd_kinds[arg] = "module_linear" if arg == "linear" else "module_conv"
         fd_args = {arg: dense, **options}
         if "n_iter_max" in fd_params:  # keep the ALS fits short (the baseline stays valid)
@@ -627,7 +648,7 @@ def api_entries() -> list[Entry]:
     def summary(**kw):
         return kronlayers.summary(kw.pop("model")(), **kw)
 
-    compress_kinds = {"model": "model", "method": "choice", "rank": "rank", "ratio": "ratio",
+    compress_kinds = {"model": "model", "method": "choice", "rank": "rank_tuple", "ratio": "ratio",
                       "filter_fn": "callable", "budget": "budget"}  # fmt: skip
     return [
         Entry(
@@ -698,7 +719,8 @@ def _extra_catalogues() -> dict[str, list[Bad]]:
             Bad("((2, 24), 'x')", ((2, 24), "x"), T),
             Bad("(2.5, 24)", (2.5, 24), T),
             Bad("(2, 23)", (2, 23), V, same="the model's own error, as when calling it on that"),
-            Bad("None", None, V),
+            # None (the default) means "not given": a missing argument, TypeError as in Python.
+            Bad("None", None, T),
             Bad("{}", {}, T),
             Bad("(0.5,)", (0.5,), T),
             Bad("(2, True)", (2, True), T),
@@ -776,36 +798,9 @@ def _cell(text: str, n: int = 160) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-# The fix each remaining failure needs, by (entry point suffix, argument). The files named
-# here belong to other parts of the package; the fuzzer only reports.
-FIXES: list[tuple[str, str, str]] = [
-    (
-        ".from_dense",
-        "damping",
-        "`kronlayers/modules/{cp_linear,cp_conv2d,tucker_conv2d,lowrank_linear}.py` "
-        "(`from_linear`/`from_conv`), or once in `kronlayers/calibration.py`: check `damping` up "
-        "front as a finite real `>= 0` (`TypeError` for a non-number or bool, `ValueError` for "
-        "negative / NaN / inf). Today it is only read when `input_gram` is given, so any value "
-        "passes silently.",
-    ),
-    (
-        ".from_dense",
-        "tol",
-        "`kronlayers/modules/{cp_linear,cp_conv2d}.py` (`from_linear`/`from_conv`) or "
-        "`kronlayers/decomposition/cp.py` (`cp_decompose`): check `tol` up front as a finite "
-        "real `>= 0`; today the type is checked only inside `cp_als` (not reached on every "
-        "path) and a negative / NaN tolerance is accepted.",
-    ),
-    (
-        "LowRankLinear",
-        "in_shape",
-        "`kronlayers/modules/lowrank_linear.py`: validate `in_shape`/`out_shape` with "
-        "`kronlayers._validation.check_shape` (an int is a `TypeError` naming the argument) "
-        "before comparing them with `(in_features,)`; today `in_shape=7` raises "
-        "`TypeError: 'int' object is not iterable`.",
-    ),
-    ("LowRankLinear", "out_shape", "Same as `in_shape` (`kronlayers/modules/lowrank_linear.py`)."),
-]
+# The fix each remaining failure needs, by (entry point suffix, argument): empty while every
+# input is GOOD; an analysed failure gets its entry here (the fuzzer only reports).
+FIXES: list[tuple[str, str, str]] = []
 
 
 def _fix_for(r: Result) -> str | None:

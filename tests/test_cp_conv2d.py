@@ -14,6 +14,7 @@ from torch import nn
 from kronlayers import CPConv2d
 from kronlayers.decomposition import cp_to_tensor
 from kronlayers.functional import CPConv2dFunction, cp_conv2d, cp_conv2d_flops
+from kronlayers.functional._dispatch import force_kernel
 from kronlayers.functional.cp_conv2d import cp_conv2d_kernel
 
 pytestmark = [
@@ -24,6 +25,17 @@ pytestmark = [
 ]
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _hand_written_kernel():
+    # These tests are about the hand-written CPConv2dFunction (its saved tensors, layouts and
+    # gradients): the dispatcher would send small problems to the dense path instead
+    # (tests/test_conv_dispatch.py covers that path and the choice).
+    with force_kernel("function"):
+        yield
+
+
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 CL = torch.channels_last
 

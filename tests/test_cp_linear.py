@@ -15,7 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from kronlayers import CPLinear
 from kronlayers.decomposition import cp_to_tensor
 from kronlayers.functional import CPLinearFunction, cp_linear, cp_linear_flops
-from kronlayers.functional.cp_linear import make_plan
+from kronlayers.functional._dispatch import force_kernel, force_path
+from kronlayers.functional.cp_linear import cp_linear_plan, make_plan
 
 F64 = torch.float64
 
@@ -43,6 +44,7 @@ SHAPES = [
     ((4, 3), (2, 3, 2)),
 ]
 STRATEGIES = ["auto", "khatri_rao", "modewise"]
+KERNELS = ["function", "ops", "dense"]
 
 
 def make_factors(in_shape, out_shape, rank, dtype=F64, device="cpu"):
@@ -67,7 +69,10 @@ def dense(a, b):
 @pytest.mark.parametrize("rank", [1, 3])
 @pytest.mark.parametrize("strategy", ["khatri_rao", "modewise"])  # "auto": hypothesis below
 @pytest.mark.parametrize(("lead", "use_bias"), [((1,), True), ((2, 3), False)])
-def test_forward_and_backward_match_dense(device, dtype, shapes, rank, strategy, lead, use_bias):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_forward_and_backward_match_dense(
+    device, dtype, shapes, rank, strategy, lead, use_bias, kernel
+):
     in_shape, out_shape = shapes
     a, b = make_factors(in_shape, out_shape, rank, dtype, device)
     n_in, n_out = math.prod(in_shape), math.prod(out_shape)
@@ -75,10 +80,11 @@ def test_forward_and_backward_match_dense(device, dtype, shapes, rank, strategy,
     x = torch.randn(*lead, n_in, dtype=dtype, device=device, requires_grad=True)
     params = [x, *a, *b] + ([bias] if use_bias else [])
 
-    y = cp_linear(x, a, b, bias, strategy=strategy)
-    assert y.shape == (*lead, n_out)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, params, g)
+    with force_kernel(kernel):
+        y = cp_linear(x, a, b, bias, strategy=strategy)
+        assert y.shape == (*lead, n_out)
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, params, g)
 
     y_ref = F.linear(x, dense(a, b), bias)
     grads_ref = torch.autograd.grad(y_ref, params, g)
@@ -89,7 +95,8 @@ def test_forward_and_backward_match_dense(device, dtype, shapes, rank, strategy,
 
 @pytest.mark.parametrize("shapes", [((4, 6), (3, 5)), ((2, 3, 2), (3, 2)), ((5,), (2, 2, 2))])
 @pytest.mark.parametrize("strategy", ["khatri_rao", "modewise"])
-def test_gradcheck(shapes, strategy):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gradcheck(shapes, strategy, kernel):
     in_shape, out_shape = shapes
     a, b = make_factors(in_shape, out_shape, 2)
     bias = torch.randn(math.prod(out_shape), dtype=F64, requires_grad=True)
@@ -99,17 +106,67 @@ def test_gradcheck(shapes, strategy):
     def fn(x, bias, *fs):
         return cp_linear(x, fs[:n], fs[n:], bias, strategy=strategy)
 
-    assert torch.autograd.gradcheck(fn, (x, bias, *a, *b))
+    with force_kernel(kernel):
+        assert torch.autograd.gradcheck(fn, (x, bias, *a, *b))
+        assert torch.autograd.gradgradcheck(fn, (x, bias, *a, *b))
 
 
-def test_plan_picks_modewise_for_small_batches_and_khatri_rao_for_large():
-    small = make_plan((32, 32), (32, 32), 16, n=1)
-    large = make_plan((32, 32), (32, 32), 16, n=256)
+def test_plan_picks_modewise_only_for_large_factors_at_tiny_batches():
+    # Measured on CPU: for small Khatri-Rao products the one-GEMM route wins at every batch
+    # size (the einsum and the Hadamard steps cost more than forming K); mode-wise wins
+    # when K is large (here 4096 x 256) and only a row or a few go through.
+    assert make_plan((16, 16), (16, 16), 16, n=1).in_khatri_rao
+    small = make_plan((64, 64), (64, 64), 256, n=1)
+    large = make_plan((64, 64), (64, 64), 256, n=256)
     assert not small.in_khatri_rao and not small.out_khatri_rao
     assert large.in_khatri_rao and large.out_khatri_rao
     # Largest input mode contracted first, largest output mode expanded last.
     assert make_plan((2, 8, 4), (3, 9, 5), 4, n=1).in_order == (1, 2, 0)
     assert make_plan((2, 8, 4), (3, 9, 5), 4, n=1).out_order == (0, 2, 1)
+
+
+def test_dispatch_takes_the_dense_kernel_only_where_it_is_faster():
+    # Low rank: the factorized kernels; rank far above the batch (as compress(ratio=0.5)
+    # picks for CP): forming W and one GEMM is cheaper.
+    low = cp_linear_plan((32, 32), (32, 32), 16, (256, 1024), input_grad=True)
+    high = cp_linear_plan((32, 32), (32, 32), 4096, (1024, 1024), input_grad=True)
+    assert low["path"] == "factorized" and low["kernel"] in ("function", "ops")
+    assert high["path"] == "dense" and high["kernel"] == "dense"
+    assert high["seconds"]["dense"] < high["seconds"]["ops"]
+    # Forcing: the path argument first, then force_kernel, then force_path.
+    with force_path("dense"):
+        assert cp_linear_plan((32, 32), (32, 32), 16, (256, 1024))["kernel"] == "dense"
+        with force_kernel("function"):
+            assert cp_linear_plan((32, 32), (32, 32), 16, (256, 1024))["kernel"] == "function"
+            plan = cp_linear_plan((32, 32), (32, 32), 16, (256, 1024), path="dense")
+            assert plan["kernel"] == "dense"
+    # An explicit route asks for the factorized kernels.
+    assert (
+        cp_linear_plan((32, 32), (32, 32), 4096, (1024, 1024), strategy="khatri_rao")["path"]
+        == "factorized"
+    )
+    with pytest.raises(ValueError, match="path must be one of"):
+        cp_linear_plan((2,), (2,), 1, (1, 2), path="sparse")
+
+
+@pytest.mark.parametrize("rank", [1, 3, 40])
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_every_kernel_agrees_at_and_around_the_switch_points(rank, n):
+    # Whatever the dispatcher picks for a shape, each kernel computes the same function and
+    # gradients (float64 against the dense reference), including shapes near a switch.
+    a, b = make_factors((4, 5), (3, 6), rank)
+    bias = torch.randn(18, dtype=F64, requires_grad=True)
+    x = torch.randn(n, 20, dtype=F64, requires_grad=True)
+    params = [x, bias, *a, *b]
+    y_ref = F.linear(x, dense(a, b), bias)
+    g = torch.randn_like(y_ref)
+    ref = torch.autograd.grad(y_ref, params, g)
+    for kernel in (None, *KERNELS):
+        with force_kernel(kernel):
+            y = cp_linear(x, a, b, bias)
+            torch.testing.assert_close(y, y_ref, **TOL[F64])
+            for got, r in zip(torch.autograd.grad(y, params, g), ref, strict=True):
+                torch.testing.assert_close(got, r, **TOL[F64])
 
 
 @pytest.mark.parametrize("strategy", ["khatri_rao", "modewise"])
@@ -128,7 +185,8 @@ def test_gemm_flops_scale_with_rank_not_with_the_dense_product(strategy):
 
 
 @pytest.mark.parametrize("strategy", ["khatri_rao", "modewise"])
-def test_needs_input_grad_skips_unneeded_work(strategy):
+@pytest.mark.parametrize("kernel", ["function", "ops"])
+def test_needs_input_grad_skips_unneeded_work(strategy, kernel):
     in_shape, out_shape, rank, n = (8, 16), (4, 8), 5, 64
     a, b = make_factors(in_shape, out_shape, rank, dtype=torch.float32)
     bias = torch.randn(32, requires_grad=True)
@@ -136,7 +194,8 @@ def test_needs_input_grad_skips_unneeded_work(strategy):
     h_in, h_out = 128, 32
 
     def backward_flops(x, a, b, bias):
-        y = cp_linear(x, a, b, bias, strategy=strategy)
+        with force_kernel(kernel):
+            y = cp_linear(x, a, b, bias, strategy=strategy)
         with FlopCounterMode(display=False) as counter:
             y.backward(torch.ones_like(y))
         return counter.get_total_flops()
@@ -157,7 +216,8 @@ def test_needs_input_grad_skips_unneeded_work(strategy):
     torch.testing.assert_close(bias.grad, torch.full((32,), float(n)))
     # One input factor: x is not differentiated, but the other factors' values are used.
     a_mixed = [a[0].detach(), a[1].detach().requires_grad_()]
-    y = cp_linear(x, a_mixed, frozen[2:], strategy=strategy)
+    with force_kernel(kernel):
+        y = cp_linear(x, a_mixed, frozen[2:], strategy=strategy)
     y.backward(torch.ones_like(y))
     w = dense(a_mixed, frozen[2:])
     (ref,) = torch.autograd.grad(F.linear(x, w).sum(), a_mixed[1])
@@ -165,11 +225,13 @@ def test_needs_input_grad_skips_unneeded_work(strategy):
     assert a_mixed[0].grad is None
 
 
-def test_double_backward_matches_the_dense_reference():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_double_backward_matches_the_dense_reference(kernel):
     # The backward is made of differentiable ops: a gradient penalty reaches the factors.
     a, b = make_factors((3, 4), (2, 3), 2)
     x = torch.randn(5, 12, dtype=F64, requires_grad=True)
-    (gx,) = torch.autograd.grad(cp_linear(x, a, b).pow(2).sum(), x, create_graph=True)
+    with force_kernel(kernel):
+        (gx,) = torch.autograd.grad(cp_linear(x, a, b).pow(2).sum(), x, create_graph=True)
     got = torch.autograd.grad(gx.pow(2).sum(), [*a, *b])
     (gx_ref,) = torch.autograd.grad(F.linear(x, dense(a, b)).pow(2).sum(), x, create_graph=True)
     ref = torch.autograd.grad(gx_ref.pow(2).sum(), [*a, *b])
@@ -177,10 +239,12 @@ def test_double_backward_matches_the_dense_reference():
         torch.testing.assert_close(g, r, **TOL[F64])
 
 
-def test_empty_batch_and_non_contiguous_input():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_empty_batch_and_non_contiguous_input(kernel):
     a, b = make_factors((3, 4), (2, 3), 2)
     x0 = torch.randn(0, 12, dtype=F64, requires_grad=True)
-    y0 = cp_linear(x0, a, b)
+    with force_kernel(kernel):
+        y0 = cp_linear(x0, a, b)
     assert y0.shape == (0, 6)
     y0.sum().backward()
     assert torch.equal(a[0].grad, torch.zeros_like(a[0]))
@@ -188,11 +252,13 @@ def test_empty_batch_and_non_contiguous_input():
     torch.testing.assert_close(cp_linear(xt, a, b), xt @ dense(a, b).t(), **TOL[F64])
 
 
-def test_shared_factor_gradients_are_summed():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_shared_factor_gradients_are_summed(kernel):
     f = torch.randn(3, 2, dtype=F64, requires_grad=True)
     g = torch.randn(4, 2, dtype=F64, requires_grad=True)
     x = torch.randn(5, 9, dtype=F64)
-    (got,) = torch.autograd.grad(cp_linear(x, [f, f], [g]).sum(), f)
+    with force_kernel(kernel):
+        (got,) = torch.autograd.grad(cp_linear(x, [f, f], [g]).sum(), f)
     (ref,) = torch.autograd.grad(F.linear(x, dense([f, f], [g])).sum(), f)
     torch.testing.assert_close(got, ref, **TOL[F64])
 
@@ -206,9 +272,10 @@ def test_shared_factor_gradients_are_summed():
     strategy=st.sampled_from(STRATEGIES),
     use_bias=st.booleans(),
     seed=st.integers(0, 2**16),
+    kernel=st.sampled_from([None, *KERNELS]),
 )
 def test_random_configurations_match_dense(
-    in_shape, out_shape, rank, lead, strategy, use_bias, seed
+    in_shape, out_shape, rank, lead, strategy, use_bias, seed, kernel
 ):
     torch.manual_seed(seed)
     a, b = make_factors(in_shape, out_shape, rank)
@@ -216,13 +283,13 @@ def test_random_configurations_match_dense(
     bias = torch.randn(n_out, dtype=F64, requires_grad=True) if use_bias else None
     x = torch.randn(*lead, n_in, dtype=F64, requires_grad=True)
     params = [x, *a, *b] + ([bias] if use_bias else [])
-    y = cp_linear(x, a, b, bias, strategy=strategy)
+    with force_kernel(kernel):
+        y = cp_linear(x, a, b, bias, strategy=strategy)
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, params, g)
     y_ref = F.linear(x, dense(a, b), bias)
     torch.testing.assert_close(y, y_ref, **TOL[F64])
-    g = torch.randn_like(y)
-    for got, ref in zip(
-        torch.autograd.grad(y, params, g), torch.autograd.grad(y_ref, params, g), strict=True
-    ):
+    for got, ref in zip(grads, torch.autograd.grad(y_ref, params, g), strict=True):
         torch.testing.assert_close(got, ref, **TOL[F64])
 
 

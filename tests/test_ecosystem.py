@@ -247,7 +247,10 @@ def test_compile_under_autocast():
         y = compiled(x)
         y_ref = model(x)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y, y_ref)
+    # A compiled graph is planned for SYMBOLIC_ROWS rows (one graph for every batch size), so
+    # a layer may take another kernel than in eager mode at batch 4 (e.g. factorized instead
+    # of dense): the same function, rounded differently in bfloat16 (~3 significant digits).
+    torch.testing.assert_close(y, y_ref, rtol=1.6e-2, atol=1e-2)
 
 
 @requires_cuda

@@ -123,7 +123,7 @@ def test_several_inputs_and_integer_dtype():
     ("input_size", "exc", "match"),
     [
         (4, TypeError, "input_size must be a shape"),
-        ((), TypeError, "input_size must be a shape"),
+        ((), ValueError, "input_size must be a shape"),
         ((2, "8"), TypeError, "input_size must be a shape"),
         ((2, -8), ValueError, "non-negative"),
     ],

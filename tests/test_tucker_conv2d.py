@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kronlayers.functional._dispatch import force_kernel
 from kronlayers.functional.tucker_conv2d import (
     TuckerConv2dConfig,
     TuckerConv2dFunction,
@@ -20,6 +21,17 @@ pytestmark = [
 ]
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _hand_written_kernel():
+    # These tests are about the hand-written TuckerConv2dFunction (its saved tensors, layouts and
+    # gradients): the dispatcher would send small problems to the dense path instead
+    # (tests/test_conv_dispatch.py covers that path and the choice).
+    with force_kernel("function"):
+        yield
+
+
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 CL = torch.channels_last
 NAMES = ("input", "bias", "core", "in_factor", "out_factor")

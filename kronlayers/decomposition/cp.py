@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .._shapes import prod
-from .._validation import check_int, check_tensor
+from .._validation import check_int, check_real, check_tensor
 from ..ops.khatri_rao import khatri_rao
 
 __all__ = [
@@ -200,8 +200,8 @@ def cp_als(
             mode's size, as TensorLy), ``"random"``, or a list of ``K`` factors ``(d_k, R')``
             to warm-start from (``R' <= R``; missing columns are drawn at random with a small
             scale, so a rank-``R'`` solution warm-starts rank ``R``).
-        n_iter_max: sweep cap.
-        tol: relative-improvement tolerance.
+        n_iter_max: sweep cap, an int ``>= 0``.
+        tol: relative-improvement tolerance, a finite real ``>= 0``.
         random_state: seed of the random columns.
 
     Returns:
@@ -214,8 +214,8 @@ def cp_als(
         raise TypeError(f"tensor must be a floating-point tensor, got dtype {tensor.dtype}")
     rank = check_int("rank", rank, minimum=1)
     n_iter_max = check_int("n_iter_max", n_iter_max, minimum=0)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)):
-        raise TypeError(f"tol must be a float, got {type(tol).__name__}")
+    # A NaN tolerance never stops early and a negative one never converges: both silent.
+    tol = check_real("tol", tol, minimum=0.0)
     dims = list(tensor.shape)
     k_modes = len(dims)
     big = tensor.numel() * rank > FLOAT32_ABOVE and tensor.dtype != torch.float64
@@ -342,6 +342,10 @@ def cp_decompose(
     Args:
         tensor: ``(d_1, ..., d_K)`` with ``K >= 2``.
         rank: the number of rank-one terms ``R >= 1``.
+        n_iter_max: sweep cap, an int ``>= 0``.
+        tol: relative-improvement tolerance, a finite real ``>= 0``.
+        random_state: seed of the random initial columns.
+        init: ``"svd"``, ``"random"`` or warm-start factors (see :func:`cp_als`).
 
     Returns:
         ``(factors, rel_error)``: ``K`` tensors of shape ``(d_k, R)`` in the input's dtype, and
@@ -350,9 +354,8 @@ def cp_decompose(
     check_tensor("tensor", tensor)
     if tensor.dim() < 2:
         raise ValueError(f"tensor must have at least 2 dims, got shape {tuple(tensor.shape)}")
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
+    rank = check_int("rank", rank, minimum=1)
+    n_iter_max = check_int("n_iter_max", n_iter_max, minimum=0)
+    tol = check_real("tol", tol, minimum=0.0)
     res = cp_als(tensor, rank, init=init, n_iter_max=n_iter_max, tol=tol, random_state=random_state)
     return res.factors, res.rel_error

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_int, check_tensor
+from .._validation import check_int, check_real, check_tensor
 
 __all__ = ["tucker2_decompose"]
 
@@ -36,8 +36,9 @@ def tucker2_decompose(
     Args:
         kernel: ``(C_out, C_in, kh, kw)``.
         ranks: ``(R_in, R_out)`` with ``1 <= R_in <= C_in`` and ``1 <= R_out <= C_out``.
-        n_iter_max: the HOOI sweep cap (0: plain HOSVD).
-        tol: stop when the relative error improves by less than this.
+        n_iter_max: the HOOI sweep cap, an int ``>= 0`` (0: plain HOSVD).
+        tol: stop when the relative error improves by less than this (a finite real
+            ``>= 0``).
 
     Returns:
         ``(core, in_factor, out_factor, rel_error)``: ``(R_out, R_in, kh, kw)``,
@@ -58,6 +59,7 @@ def tucker2_decompose(
             f"{(r_in, r_out)}"
         )
     n_iter_max = check_int("n_iter_max", n_iter_max, minimum=0)
+    tol = check_real("tol", tol, minimum=0.0)
     w = kernel.detach().to(torch.float64)
     norm = w.norm()
     u_out = _leading_left_vectors(w.reshape(c_out, -1), r_out)

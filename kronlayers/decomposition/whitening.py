@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._validation import check_int, check_tensor
+from .._validation import check_int, check_real, check_tensor
 from ..ops.khatri_rao import khatri_rao
 from .cp import balance_cp_factors, cp_als, mttkrp_within, solve_normal
 from .nearest_kronecker import nearest_kronecker
@@ -75,11 +75,7 @@ def _check_gram(gram: object, n: int, name: str = "input_gram") -> torch.Tensor:
 
 
 def _check_damping(damping: object) -> float:
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
-        raise TypeError(f"damping must be a float, got {type(damping).__name__}")
-    if not damping >= 0 or not math.isfinite(damping):
-        raise ValueError(f"damping must be a finite float >= 0, got {damping}")
-    return float(damping)
+    return check_real("damping", damping, minimum=0.0)
 
 
 def damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
@@ -326,6 +322,8 @@ def whitened_nearest_kronecker(
     check_tensor("weight", weight)
     _check_gram(gram, weight.shape[1])
     damping = _check_damping(damping)
+    n_iter_max = check_int("n_iter_max", n_iter_max, minimum=0)
+    tol = check_real("tol", tol, minimum=0.0)
     out_shape = tuple(int(s) for s in out_shape)
     in_shape = tuple(int(s) for s in in_shape)
     d = len(in_shape)
@@ -452,6 +450,13 @@ def whitened_cp(
     _check_gram(gram, weight.shape[1])
     damping = _check_damping(damping)
     rank = check_int("rank", rank, minimum=1)
+    # Checked here, not only where used: refine_iter=-1 or whiten_iter=None would otherwise
+    # skip a step silently (or fail on a comparison without naming the argument).
+    n_iter_max = check_int("n_iter_max", n_iter_max, minimum=0)
+    tol = check_real("tol", tol, minimum=0.0)
+    whiten_iter = check_int("whiten_iter", whiten_iter, minimum=0)
+    refine_iter = check_int("refine_iter", refine_iter, minimum=0)
+    pcg_iter = check_int("pcg_iter", pcg_iter, minimum=0)
     out_shape = tuple(int(s) for s in out_shape)
     in_shape = tuple(int(s) for s in in_shape)
     n_out = len(out_shape)

@@ -21,11 +21,12 @@ tracing), so compiled inference would crash.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["apply_autocast", "balance_cp_stages", "compute_dtype"]
+__all__ = ["apply_autocast", "balance_cp_stages", "balance_kron_factors", "compute_dtype"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _MAX_LOG_SCALE = 80.0
@@ -164,3 +165,33 @@ def balance_cp_stages(
         [(f.float() * s).to(f.dtype) for f, s in zip(stage, ss, strict=True)]
         for stage, ss in zip(stages, scales, strict=True)
     ]
+
+
+def balance_kron_factors(
+    factors: Sequence[torch.Tensor], dtype: torch.dtype
+) -> Sequence[torch.Tensor]:
+    """Rescale Kronecker factors so that, in each rank term, every factor has the same norm;
+    a no-op (the same sequence) unless ``dtype`` is fp16 / bf16.
+
+    ``factors``: ``d`` tensors ``(R, out_k, in_k)`` of ``W = sum_r F_1[r] ⊗ ... ⊗ F_d[r]``.
+    ``(c A) ⊗ (B / c) = A ⊗ B``, so each term is invariant under scales ``s_k[r]`` with
+    ``prod_k s_k[r] = 1``; with ``n_k[r] = ||F_k[r]||_F`` and ``P[r] = prod_k n_k[r]`` (the
+    norm of the term), every ``F_k[r]`` is rescaled to the norm ``P[r] ** (1 / d)``. The
+    kernels apply one factor per step, and step ``k`` multiplies a term's magnitude by at
+    most ``||F_k[r]||``, so each intermediate is bounded by ``||x|| P[r] ** (j / d)`` after
+    ``j`` steps, between the input's and the output's scale, instead of overflowing (or
+    underflowing) when the factors are badly balanced. The same bound holds for the partial
+    products when the weight is formed.
+
+    This is :func:`balance_cp_stages` with one stage per factor (each factor flattened to
+    ``(out_k * in_k, R)``): scales computed in float32 without autograd (a term with a zero
+    or non-finite factor is left alone), applied in float32, cast back to each factor's
+    dtype; gradients with respect to the original factors are exact through the constant
+    scales. A tensor passed several times (shared factors) gets one copy per occurrence,
+    whose gradients autograd sums.
+    """
+    if dtype not in _LOW_PRECISION or len(factors) < 2:
+        return factors
+    stages = [[f.reshape(f.shape[0], -1).t()] for f in factors]
+    balanced = balance_cp_stages(stages, dtype)
+    return tuple(b.t().reshape(f.shape) for (b,), f in zip(balanced, factors, strict=True))

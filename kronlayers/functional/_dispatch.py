@@ -53,6 +53,7 @@ import torch
 
 __all__ = [
     "DEFAULT_MODELS",
+    "KERNELS",
     "PATHS",
     "SYMBOLIC_ROWS",
     "CostModel",
@@ -65,13 +66,20 @@ __all__ = [
     "choose",
     "cost_model",
     "estimate",
+    "force_kernel",
     "force_path",
+    "forced_kernel",
     "forced_path",
     "plan_generation",
     "static_rows",
 ]
 
 PATHS = ("factorized", "dense")
+
+# The ways a dispatching kernel can run: its hand-written autograd.Function, the same
+# forward's ops recorded by autograd (no Python autograd node: less fixed cost, autograd's
+# backward), or the dense weight and one dense op.
+KERNELS = ("function", "ops", "dense")
 
 # Rows assumed when the batch size is symbolic (torch.export / compile with a dynamic
 # batch): large enough that the dense path's one-off cost of forming W is amortised, as it
@@ -252,6 +260,7 @@ def cost_model(device_type: str) -> CostModel:
 
 class _State:
     forced: str | None = None
+    forced_kernel: str | None = None
     generation: int = 0  # bumped whenever the models change, to invalidate plan caches
 
 
@@ -280,6 +289,29 @@ def force_path(path: str | None) -> Iterator[None]:
         yield
     finally:
         _STATE.forced = previous
+
+
+def forced_kernel() -> str | None:
+    """The kernel pinned by :func:`force_kernel`, or ``None``."""
+    return _STATE.forced_kernel
+
+
+@contextlib.contextmanager
+def force_kernel(kernel: str | None) -> Iterator[None]:
+    """Within the block the kernels that offer a choice of implementation (see
+    :data:`KERNELS`) run ``kernel``: ``"function"`` (the hand-written
+    ``torch.autograd.Function``), ``"ops"`` (its forward's ops, differentiated by autograd) or
+    ``"dense"`` (the dense weight, one dense op); ``None`` restores the automatic choice. It
+    takes precedence over :func:`force_path` (``"dense"`` is the dense path); a ``path=``
+    argument takes precedence over both. For tests and measurements; process-wide."""
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
+    previous = _STATE.forced_kernel
+    _STATE.forced_kernel = kernel
+    try:
+        yield
+    finally:
+        _STATE.forced_kernel = previous
 
 
 def choose(candidates: Mapping[str, Sequence[Op]], itemsize: int, device_type: str) -> str:

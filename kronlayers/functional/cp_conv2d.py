@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch._C import _functorch
 
 from .._shapes import conv2d_output_size, conv2d_padding, prod
 from .._validation import (
@@ -49,6 +48,14 @@ from .._validation import (
 )
 from ..ops.khatri_rao import khatri_rao, khatri_rao_grads
 from ._amp import _autocast_dtype, apply_autocast, balance_cp_stages, compute_dtype
+from ._channels import (
+    channel_grad,
+    contract_channels,
+    is_channels_last,
+    rank_channels_last,
+)
+from ._conv_dispatch import choose_conv_path, conv_batch, dense_conv, dense_conv_ops
+from ._dispatch import Gemm, Op, Pass, PyFunction, check_path, estimate
 from ._function import split_needs
 
 __all__ = [
@@ -57,12 +64,8 @@ __all__ = [
     "cp_conv2d",
     "cp_conv2d_flops",
     "cp_conv2d_kernel",
+    "cp_conv2d_plan",
 ]
-
-# Channel count from which an NCHW -> NHWC channel contraction is one GEMM with an (HW, o)
-# output; below it the narrow output makes MKL several times slower (7x at o = 8), and the NCHW
-# GEMM plus a transposing copy of the (small) result is faster.
-_NHWC_GEMM_MIN_CHANNELS = 16
 
 
 @dataclass(frozen=True)
@@ -101,111 +104,6 @@ def _depthwise_kernel(kh: torch.Tensor, kw: torch.Tensor) -> torch.Tensor:
     # (R, 1, kh, kw): channel r's kernel is the outer product kh[:, r] ∘ kw[:, r].
     # Contiguous: the einsum result is laid out (kh, kw, R), which convolutions would reorder.
     return torch.einsum("ir,jr->rij", kh, kw).unsqueeze(1).contiguous()
-
-
-# A private torch API (present since torch 2.0); without it no tensor counts as wrapped.
-_is_functorch_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", lambda t: False)
-
-
-def _layout_unknown(t: torch.Tensor) -> bool:
-    # Inside torch.func transforms (vmap, grad, jacrev) a tensor is a functorch wrapper whose
-    # memory format cannot be queried (vmap raises): such tensors take the NCHW paths, which
-    # are correct for any layout. (Skipped while compiling: Dynamo sees no wrappers.)
-    return not torch.compiler.is_compiling() and _is_functorch_wrapped(t)
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    # Strictly channels-last: a tensor that is contiguous in both senses (C == 1 or H*W == 1)
-    # is handled by the NCHW branch, where it is equally a view.
-    if _layout_unknown(t):
-        return False
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-def _contract_channels(
-    t: torch.Tensor,
-    m: torch.Tensor,
-    channels_last: bool,
-    bias: torch.Tensor | None = None,
-    fresh: bool = False,
-) -> torch.Tensor:
-    """``out[n, o, h, w] = sum_c m[o, c] t[n, c, h, w] (+ bias[o])`` in the requested layout.
-
-    Each layout combination is one (batched) GEMM: NCHW and NHWC only differ by which GEMM
-    operand is transposed, which BLAS handles without copies. ``bmm``/``mm`` are called
-    directly because ``torch.matmul`` picks its strategy from ``requires_grad`` (still set on
-    the inputs inside ``Function.forward``) and then folds a transposed operand with a copy.
-
-    ``fresh=True`` (the forward's output only) returns a tensor that is not a view: the GEMM
-    writes into a newly allocated tensor of the final layout, or its result is reshaped with
-    ``_unsafe_view``. A Function output that is a view of a tensor made inside ``forward``
-    cannot be modified in place (``nn.ReLU(inplace=True)`` after the layer would raise).
-    """
-    n, c, h, w = t.shape
-    o = m.shape[0]
-    if fresh and channels_last and (_is_channels_last(t) or o >= _NHWC_GEMM_MIN_CHANNELS):
-        y = torch.empty(
-            (n, o, h, w), dtype=t.dtype, device=t.device, memory_format=torch.channels_last
-        )
-        rows = y.permute(0, 2, 3, 1)  # (n, h, w, o), contiguous
-        if _is_channels_last(t):
-            t2 = t.permute(0, 2, 3, 1).reshape(n * h * w, c)
-            dst = rows.view(n * h * w, o)
-            if bias is None:
-                torch.mm(t2, m.t(), out=dst)
-            else:
-                torch.addmm(bias, t2, m.t(), out=dst)
-        else:
-            t3 = t.reshape(n, c, h * w).transpose(1, 2)
-            dst = rows.view(n, h * w, o)
-            if bias is None:
-                torch.bmm(t3, m.t().expand(n, c, o), out=dst)
-            else:
-                torch.baddbmm(bias.view(1, 1, o), t3, m.t().expand(n, c, o), out=dst)
-        return y
-    if _is_channels_last(t):
-        t2 = t.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view
-        if channels_last:
-            out = torch.mm(t2, m.t()) if bias is None else torch.addmm(bias, t2, m.t())
-            return out.view(n, h, w, o).permute(0, 3, 1, 2)
-        t3 = t2.view(n, h * w, c).transpose(1, 2)
-    else:
-        t3 = t.reshape(n, c, h * w)
-        if channels_last and o >= _NHWC_GEMM_MIN_CHANNELS:
-            out = torch.bmm(t3.transpose(1, 2), m.t().expand(n, c, o))
-            if bias is not None:
-                out += bias
-            return out.view(n, h, w, o).permute(0, 3, 1, 2)
-    if bias is None:
-        out = torch.bmm(m.expand(n, o, c), t3)
-    else:
-        out = torch.baddbmm(bias.view(1, o, 1), m.expand(n, o, c), t3)
-    out = torch.ops.aten._unsafe_view(out, (n, o, h, w)) if fresh else out.view(n, o, h, w)
-    if channels_last:
-        # Few output channels: the NCHW GEMM plus a transposing copy of the small result is
-        # several times faster than a GEMM with a narrow (H*W, o) output.
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
-
-
-def _channel_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``sum_{n,h,w} a[n, i, h, w] b[n, j, h, w]``: ``(I, J)``, the gradient of a channel GEMM.
-
-    The GEMM is oriented so that the smaller of ``I``, ``J`` indexes the result's rows (MKL is
-    about 3x slower with a narrow result at R = 8); transposing the small result is free.
-    """
-    if a.shape[1] > b.shape[1]:
-        return _channel_grad(b, a).t()
-    if _is_channels_last(a) and _is_channels_last(b):
-        a2 = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1])
-        b2 = b.permute(0, 2, 3, 1).reshape(-1, b.shape[1])
-        return torch.mm(a2.t(), b2)
-    # One small (I, J) GEMM per sample, then a sum: no (N*HW)-sized copy of either operand.
-    # Explicit sizes, not -1: an empty batch (N = 0) makes -1 ambiguous.
-    n, hw = a.shape[0], a.shape[2] * a.shape[3]
-    a3 = a.reshape(n, a.shape[1], hw)
-    b3 = b.reshape(n, b.shape[1], hw)
-    return torch.bmm(a3, b3.transpose(1, 2)).sum(0)
 
 
 class CPConv2dFunction(torch.autograd.Function):
@@ -270,7 +168,7 @@ class CPConv2dFunction(torch.autograd.Function):
         conv_pad = _conv_padding(padding)
         kernel = _depthwise_kernel(kh_factor, kw_factor)
         v = F.conv2d(u, kernel, None, stride, conv_pad, dilation, rank)
-        y = _contract_channels(v, k_out, _is_channels_last(x), bias, fresh=True)
+        y = contract_channels(v, k_out, is_channels_last(x), bias, fresh=True)
         return y, u
 
     @staticmethod
@@ -293,9 +191,9 @@ class CPConv2dFunction(torch.autograd.Function):
             x if need_x else None, u if need_u else None, kh, kw, *channel_factors
         )
         ctx.conf = (config.stride, config.padding, config.dilation, n_in, bias is not None)
-        ctx.x_channels_last = _is_channels_last(x)
+        ctx.x_channels_last = is_channels_last(x)
         ctx.u_shape = u.shape
-        ctx.u_channels_last = _is_channels_last(u)
+        ctx.u_channels_last = is_channels_last(u)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor | None, _grad_u: torch.Tensor | None):
@@ -317,7 +215,7 @@ class CPConv2dFunction(torch.autograd.Function):
 
         # A grad of unusual strides (e.g. the expanded one of `y.sum()`) becomes a plain layout
         # once here instead of in every GEMM below.
-        if not (grad_y.is_contiguous() or _is_channels_last(grad_y)):
+        if not (grad_y.is_contiguous() or is_channels_last(grad_y)):
             fmt = torch.channels_last if ctx.x_channels_last else torch.contiguous_format
             grad_y = grad_y.contiguous(memory_format=fmt)
 
@@ -332,12 +230,12 @@ class CPConv2dFunction(torch.autograd.Function):
         k_out = khatri_rao(out_factors)
         if any(need_out):
             v = F.conv2d(u, kernel, None, stride, conv_pad, dilation, rank)  # recomputed
-            grad_out = khatri_rao_grads(_channel_grad(grad_y, v), out_factors, need_out)
+            grad_out = khatri_rao_grads(channel_grad(grad_y, v), out_factors, need_out)
             del v
 
         need_u_grad = need_x or any(need_in)
         if need_u_grad or need_kh or need_kw:
-            grad_v = _contract_channels(grad_y, k_out.t(), ctx.u_channels_last)
+            grad_v = contract_channels(grad_y, k_out.t(), ctx.u_channels_last)
             grad_u, grad_kernel = _depthwise_backward(
                 grad_v, u, ctx.u_shape, kernel, stride, conv_pad, dilation,
                 need_u_grad, need_kh or need_kw,
@@ -350,10 +248,10 @@ class CPConv2dFunction(torch.autograd.Function):
             if need_u_grad:
                 grad_u = _crop_asymmetric(grad_u, padding)
                 if any(need_in):
-                    grad_in = khatri_rao_grads(_channel_grad(x, grad_u), in_factors, need_in)
+                    grad_in = khatri_rao_grads(channel_grad(x, grad_u), in_factors, need_in)
                 if need_x:
                     k_in = khatri_rao(in_factors)
-                    grad_x = _contract_channels(grad_u, k_in, ctx.x_channels_last)
+                    grad_x = contract_channels(grad_u, k_in, ctx.x_channels_last)
 
         return (grad_x, grad_bias, None, *grad_in, *grad_out, grad_kh, grad_kw)
 
@@ -362,7 +260,7 @@ def _project_input(
     x: torch.Tensor, in_factors: Sequence[torch.Tensor], padding: tuple[int, int, int, int]
 ) -> torch.Tensor:
     """``u``: the input contracted to the ``R`` channels, with the asymmetric padding."""
-    u = _contract_channels(x, khatri_rao(in_factors).t(), _rank_channels_last(x))
+    u = contract_channels(x, khatri_rao(in_factors).t(), rank_channels_last(x))
     return _pad_asymmetric(u, padding)[0]
 
 
@@ -413,15 +311,6 @@ def _depthwise_backward(
     return grad_u, grad_kernel
 
 
-def _rank_channels_last(x: torch.Tensor) -> bool:
-    # On CPU oneDNN's depthwise convolution is 1.5-10x faster on NHWC than on NCHW at every
-    # rank (see the module docstring); on CUDA keep the input's layout. Inside torch.func
-    # transforms, NCHW (see _layout_unknown).
-    if _layout_unknown(x):
-        return False
-    return x.device.type == "cpu" or _is_channels_last(x)
-
-
 def _conv_padding(padding: tuple[int, int, int, int]) -> tuple[int, int]:
     # The symmetric part of the padding, left to the convolution itself (implicit zeros).
     top, bottom, left, right = padding
@@ -468,6 +357,8 @@ def cp_conv2d(
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] | str = 0,
     dilation: int | tuple[int, int] = 1,
+    *,
+    path: str | None = None,
 ) -> torch.Tensor:
     r"""2-D convolution with the CP kernel ``sum_r out[:, r] ∘ in[:, r] ∘ kh[:, r] ∘ kw[:, r]``.
 
@@ -477,7 +368,10 @@ def cp_conv2d(
     (depthwise), and ``R`` is expanded to the output channels. About
     ``R * (C_in + kh*kw + C_out * H_out W_out / (H_in W_in))`` multiply-adds per input pixel
     instead of ``C_in * C_out * kh * kw`` per output pixel. Forward and backward are hand-written
-    (:class:`CPConv2dFunction`).
+    (:class:`CPConv2dFunction`). When the rank is so high that forming the kernel and running
+    one ``F.conv2d`` is clearly faster (the cost model of :mod:`kronlayers.functional._dispatch`,
+    see :func:`cp_conv2d_plan`), that dense path runs instead, so the layer is never much
+    slower than the convolution it replaces.
 
     Channels may be tensorized: with ``D`` input factors of shapes ``(in_d, R)``, the input
     channel factor is their row-major Khatri-Rao product (``C_in = prod_d in_d``), i.e. the
@@ -494,6 +388,9 @@ def cp_conv2d(
         padding: an int or an ``(h, w)`` pair of non-negative ints (zeros on both sides),
             ``'valid'`` (none) or ``'same'`` (stride 1 only; an odd total goes bottom/right, as
             in ``F.conv2d``). For other padding modes pad the input with ``F.pad`` first.
+        path: ``None`` (automatic), ``"factorized"`` or ``"dense"``; overrides
+            :func:`~kronlayers.functional._dispatch.force_kernel` and
+            :func:`~kronlayers.functional._dispatch.force_path`.
 
     Shape:
         - Input: ``(N, C_in, H_in, W_in)`` or ``(C_in, H_in, W_in)``
@@ -539,6 +436,7 @@ def cp_conv2d(
         >>> torch.allclose(y, F.conv2d(x, w, padding=1), atol=1e-4)
         True
     """
+    path = check_path(path)
     in_factors = check_factor_list("in_factors", in_factors, 2, "(d_k, rank)")
     out_factors = check_factor_list("out_factors", out_factors, 2, "(d_k, rank)")
     if isinstance(kernel_factors, (torch.Tensor, str)) or not isinstance(kernel_factors, Sequence):
@@ -590,10 +488,87 @@ def cp_conv2d(
     in_factors, (kh_factor, kw_factor), out_factors = balance_cp_stages(
         [list(in_factors), [kh_factor, kw_factor], list(out_factors)], compute_dtype(input)
     )
-    y, _ = apply_autocast(
-        CPConv2dFunction, x, bias, config, *in_factors, *out_factors, kh_factor, kw_factor
+    factors = (*in_factors, *out_factors, kh_factor, kw_factor)
+    grad = torch.is_grad_enabled()
+    needs = (
+        grad and x.requires_grad,
+        grad and any(f.requires_grad for f in factors),
+        grad and bias is not None and bias.requires_grad,
     )
+    factorized, dense = _path_ops(
+        conv_batch(x.shape[0]), c_in, c_out, rank, kernel_size, (x.shape[2], x.shape[3]),
+        config, needs,
+    )  # fmt: skip
+    if choose_conv_path(factorized, dense, x.dtype.itemsize, x.device.type, path) == "dense":
+        weight = cp_conv2d_kernel(in_factors, out_factors, (kh_factor, kw_factor))
+        y = dense_conv(x, weight, bias, stride, pads, dilation)
+    else:
+        y, _ = apply_autocast(CPConv2dFunction, x, bias, config, *factors)
     return y.squeeze(0) if unbatched else y
+
+
+def _path_ops(n, c_in, c_out, rank, kernel_size, size, config, needs):
+    """The factorized and dense paths' ops for ``n`` samples of spatial ``size``."""
+    h_out, w_out = conv2d_output_size(size, kernel_size, config.stride, config.padding,
+                                      config.dilation)  # fmt: skip
+    p_in, p_out = size[0] * size[1], h_out * w_out
+    taps = kernel_size[0] * kernel_size[1]
+    need_x, need_factors, need_bias = needs
+    # The depthwise convolution is memory-bound: a pass over the rank-R activations.
+    fact: list[Op] = [
+        PyFunction(any(needs)),
+        Gemm(n * p_in, rank, c_in), Pass(n * rank * p_in), Gemm(n * p_out, c_out, rank),
+    ]  # fmt: skip
+    if need_x or need_factors:  # back through the output GEMM and the depthwise stage
+        fact += [Gemm(n * p_out, rank, c_out), Pass(n * rank * p_in), Pass(n * rank * p_in)]
+    if need_x:
+        fact.append(Gemm(n * p_in, c_in, rank))
+    if need_factors:  # recompute v; the two channel GEMMs' gradients
+        fact += [Pass(n * rank * p_out), Gemm(c_out, rank, n * p_out), Gemm(rank, c_in, n * p_in)]
+    if need_bias:
+        fact.append(Pass(n * c_out * p_out))
+    form = [Gemm(c_out, c_in * taps, rank)]
+    form_grad = [Gemm(c_out, rank, c_in * taps), Gemm(c_in * taps, rank, c_out)]
+    dense = dense_conv_ops(n, c_in, c_out, taps, p_in, p_out, form, form_grad, needs)
+    return fact, dense
+
+
+def cp_conv2d_plan(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | tuple[int, int],
+    rank: int,
+    input_shape: Sequence[int],
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device_type: str = "cpu",
+    input_grad: bool = False,
+    factor_grad: bool = True,
+    bias: bool = True,
+    path: str | None = None,
+) -> dict:
+    """What :func:`cp_conv2d` does for an input of ``input_shape`` (``(N, C, H, W)`` or
+    ``(C, H, W)``): ``path`` (``"factorized"`` or ``"dense"``) and ``seconds`` (the cost
+    model's estimate of each path, forward plus the backward the gradient flags imply;
+    ``factor_grad`` also stands for the bias). A symbolic batch counts as
+    :data:`~kronlayers.functional._dispatch.SYMBOLIC_ROWS` samples."""
+    path = check_path(path)
+    k = check_pair("kernel_size", kernel_size, 1)
+    stride = check_pair("stride", stride, 1)
+    dilation = check_pair("dilation", dilation, 1)
+    config = CPConv2dConfig(stride, conv2d_padding(padding, k, stride, dilation), dilation, 1)
+    shape = tuple(input_shape)
+    n = conv_batch(shape[0]) if len(shape) == 4 else 1
+    needs = (bool(input_grad), bool(factor_grad), bool(factor_grad and bias))
+    fact, dense = _path_ops(n, in_channels, out_channels, int(rank), k,
+                            (shape[-2], shape[-1]), config, needs)  # fmt: skip
+    return {
+        "path": choose_conv_path(fact, dense, dtype.itemsize, device_type, path),
+        "seconds": estimate({"factorized": fact, "dense": dense}, dtype.itemsize, device_type),
+    }
 
 
 def cp_conv2d_flops(

@@ -17,17 +17,43 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._shapes import LETTERS, MAX_MODES, UPPER_LETTERS, prod
 from .._validation import check_bias, check_factor_list, check_like, check_linear_input
 from ..ops.khatri_rao import khatri_rao as _khatri_rao
+from ..ops.khatri_rao import khatri_rao_grads
 from ._amp import _autocast_dtype, apply_autocast, balance_cp_stages, compute_dtype
+from ._dispatch import (
+    SYMBOLIC_ROWS,
+    Gemm,
+    Node,
+    Op,
+    Pass,
+    PyFunction,
+    check_path,
+    cost_model,
+    estimate,
+    forced_kernel,
+    forced_path,
+    plan_generation,
+    static_rows,
+)
 from ._function import split_needs
 
-__all__ = ["CPLinearFunction", "check_cp_factors", "cp_linear", "cp_linear_flops"]
+__all__ = [
+    "CPLinearFunction",
+    "check_cp_factors",
+    "cp_linear",
+    "cp_linear_call",
+    "cp_linear_flops",
+    "cp_linear_plan",
+    "cp_linear_weight",
+]
 
 _IN_LETTERS = LETTERS
 _OUT_LETTERS = UPPER_LETTERS
@@ -90,23 +116,35 @@ def make_plan(
     in_shape: Sequence[int],
     out_shape: Sequence[int],
     rank: int,
-    n: int,
+    n: object,
     strategy: str = "auto",
+    *,
+    itemsize: int = 4,
+    device_type: str = "cpu",
 ) -> CPLinearPlan:
-    """Pick the cheapest route (in multiply-adds) for ``n`` rows, or force ``strategy``.
+    """Pick each side's route for ``n`` rows by the cost model, or force ``strategy``.
 
-    The Khatri-Rao route pays ``~H * R`` once per call to build ``K`` and then runs one
-    large GEMM; the mode-wise route pays ``~N * R * H / d_max`` for the Hadamard steps. So
-    Khatri-Rao wins for batches larger than about the largest mode size, mode-wise for
-    small batches (single-sample inference); ties go to Khatri-Rao (bigger GEMMs run closer
-    to peak).
+    The Khatri-Rao route builds ``K`` (``~H * R`` entries, once per call) and runs one large
+    GEMM; the mode-wise route runs an einsum GEMM plus Hadamard steps of ``~N * R * H / d``
+    entries. Which is faster is a matter of fixed costs as much as of FLOPs (an einsum costs
+    several plain ops; an elementwise step runs far below GEMM speed), so each side takes the
+    route the :mod:`~kronlayers.functional._dispatch` cost model finds faster for
+    ``itemsize``-byte entries on ``device_type``, forward plus a full backward. Measured on
+    CPU (1 thread): the Khatri-Rao route wins for every batch size at ``H = 256`` and
+    ``1024``; the mode-wise route only when ``K`` is large and the batch tiny.
 
     ``n`` may be symbolic (the batch size of ``torch.export`` with a dynamic dimension or of
-    ``torch.compile(dynamic=True)``). A comparison of costs that the symbolic shape's range
-    does not decide on its own is then settled by the cost model's large-batch limit, the
-    Khatri-Rao route, rather than by the example's value: the plan adds no guard on ``n``,
-    so one graph serves every batch size (no recompilation at a plan switch).
+    ``torch.compile(dynamic=True)``): then, and whenever compiling, the plan is made for
+    :data:`~kronlayers.functional._dispatch.SYMBOLIC_ROWS` rows, so it adds no guard on
+    ``n`` and one graph serves every batch size.
     """
+    _check_strategy(strategy)
+    rows = _concrete_rows(n)
+    return _make_plan(tuple(in_shape), tuple(out_shape), rank, rows, strategy, itemsize,
+                      device_type, plan_generation())  # fmt: skip
+
+
+def _check_strategy(strategy: object) -> None:
     if not isinstance(strategy, str):
         raise TypeError(
             f"strategy must be a str, one of {_STRATEGIES}, got {type(strategy).__name__} "
@@ -114,44 +152,261 @@ def make_plan(
         )
     if strategy not in _STRATEGIES:
         raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
+
+
+def _concrete_rows(n: object) -> int:
+    # Dynamo reports a SymInt as an int, hence the is_compiling check.
     if isinstance(n, int) and not torch.compiler.is_compiling():
-        # Concrete: cached (plans are pure functions of hashable shapes), off every call's
-        # path. (Dynamo reports a SymInt as an int, hence the is_compiling check.)
-        return _make_plan_cached(tuple(in_shape), tuple(out_shape), rank, n, strategy)
-    return _make_plan(tuple(in_shape), tuple(out_shape), rank, n, strategy)
+        return n
+    return SYMBOLIC_ROWS
 
 
-def _prefer_khatri_rao(khatri_rao_cost, modewise_cost) -> bool:
-    # statically_known_true is the plain comparison for ints; for a symbolic batch size it is
-    # True only where the comparison holds for every value in the shape's range (no guard),
-    # and then, unless the mode-wise route is known to be cheaper throughout, Khatri-Rao.
-    cheaper = khatri_rao_cost <= modewise_cost
-    if isinstance(cheaper, bool) and not torch.compiler.is_compiling():
-        return cheaper
-    # Only symbolic shapes get here (sympy, which this imports, is loaded by then anyway).
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    if statically_known_true(cheaper):
-        return True
-    return not statically_known_true(khatri_rao_cost > modewise_cost)
-
-
-def _make_plan(in_shape, out_shape, rank, n, strategy) -> CPLinearPlan:
-    in_order, in_mode_cost = _modewise_in(in_shape, n, rank)
-    out_order, out_mode_cost = _modewise_out(out_shape, n, rank)
+@lru_cache(maxsize=1024)
+def _make_plan(in_shape, out_shape, rank, n, strategy, itemsize, device_type, generation):
+    in_order = _modewise_in(in_shape, n, rank)[0]
+    out_order = _modewise_out(out_shape, n, rank)[0]
     if strategy == "auto":
-        in_kr = _prefer_khatri_rao(
-            _khatri_rao_cost(in_shape, rank) + n * prod(in_shape) * rank, in_mode_cost
-        )
-        out_kr = _prefer_khatri_rao(
-            _khatri_rao_cost(out_shape, rank) + n * prod(out_shape) * rank, out_mode_cost
-        )
+        model = cost_model(device_type)
+        full = _Needs(True, True, True)
+
+        def kr_cheaper(side, *args) -> bool:
+            # Ties go to Khatri-Rao: bigger GEMMs run closer to peak than modelled.
+            kr_fwd, kr_bwd = side(*args[:2], n, True, *args[2:])
+            mw_fwd, mw_bwd = side(*args[:2], n, False, *args[2:])
+            kr = model.time(kr_fwd, itemsize) + model.time(kr_bwd, itemsize)
+            return kr <= model.time(mw_fwd, itemsize) + model.time(mw_bwd, itemsize)
+
+        in_kr = kr_cheaper(_input_side, in_shape, rank, full)
+        out_kr = kr_cheaper(_output_side, out_shape, rank, full, False)
     else:
         in_kr = out_kr = strategy == "khatri_rao"
     return CPLinearPlan(in_shape, out_shape, rank, in_kr, in_order, out_kr, out_order)
 
 
-_make_plan_cached = lru_cache(maxsize=256)(_make_plan)
+# --- Cost model of each kernel (see kronlayers.functional._dispatch) ----------------------
+
+# torch.einsum's Python-side planning and permutations cost several plain ops (~12 us on
+# CPU, measured): counted as that many extra launches.
+_EINSUM_LAUNCHES = 6
+# The dense kernel must beat the factorized one by this factor to be chosen: near the
+# switch point both cost about the same, and the factorized kernel keeps activations small.
+DENSE_MARGIN = 0.9
+
+
+class _Needs(NamedTuple):
+    """Which gradients a call computes (a tuple: hashed on every call)."""
+
+    x: bool  # the input's gradient
+    factors: bool  # any factor's gradient
+    bias: bool  # the bias' gradient
+
+    @property
+    def any(self) -> bool:
+        return self.x or self.factors or self.bias
+
+
+def _einsum(m: int, n: int, k: int) -> list[Op]:
+    return [Gemm(m, n, k), *[Pass(0)] * _EINSUM_LAUNCHES]
+
+
+def _launches(ops: Sequence[Op]) -> int:
+    """Ops that are real tensor operations (not an einsum's planning overhead)."""
+    return sum(1 for op in ops if not (isinstance(op, Pass) and op.elements == 0))
+
+
+def _kr_build(shape: Sequence[int], rank: int) -> list[Op]:
+    """Forming the Khatri-Rao product: one broadcast multiply per mode after the first."""
+    ops: list[Op] = []
+    size = shape[0]
+    for d in shape[1:]:
+        size *= d
+        ops.append(Pass(size * rank))
+    return ops
+
+
+def _kr_adjoint(shape: Sequence[int], rank: int) -> list[Op]:
+    """Every factor's gradient from the ``(H, R)`` gradient of the Khatri-Rao product."""
+    ops: list[Op] = []
+    if len(shape) < 2:
+        return ops
+    for k in range(len(shape)):
+        size = prod(shape)
+        for j in sorted((j for j in range(len(shape)) if j != k), key=lambda j: -shape[j]):
+            ops += [Pass(size * rank), Pass(size * rank // shape[j])]  # multiply, then sum
+            size //= shape[j]
+    return ops
+
+
+def _input_side(shape, rank, n, khatri_rao, needs: _Needs) -> tuple[list[Op], list[Op]]:
+    """Forward and backward ops of ``c = x K_in`` on ``n`` rows."""
+    h = prod(shape)
+    fwd: list[Op] = []
+    bwd: list[Op] = []
+    grad_c = needs.x or needs.factors
+    if khatri_rao:
+        fwd += [*_kr_build(shape, rank), Gemm(n, rank, h)]
+        if needs.factors:
+            bwd += [Gemm(h, rank, n), *_kr_adjoint(shape, rank)]
+        if needs.x:
+            bwd.append(Gemm(n, h, rank))
+        return fwd, bwd
+    order = _modewise_in(shape, n, rank)[0]
+    first = order[0]
+    fwd += _einsum(n * h // shape[first], rank, shape[first])
+    left = h // shape[first]
+    for k in order[1:]:
+        fwd += [Pass(n * left * rank), Pass(n * left * rank // shape[k])]
+        if grad_c:  # the factor's gradient (multiply, sum) and the expansion back
+            bwd += [Pass(n * left * rank)] * 3
+        left //= shape[k]
+    if needs.factors:
+        bwd += _einsum(shape[first], rank, n * h // shape[first])
+    if needs.x:
+        bwd += _einsum(n * h // shape[first], shape[first], rank)
+    return fwd, bwd
+
+
+def _output_side(shape, rank, n, khatri_rao, needs: _Needs, bias: bool):
+    """Forward and backward ops of ``y = c K_out^T (+ bias)`` on ``n`` rows."""
+    h = prod(shape)
+    fwd: list[Op] = []
+    bwd: list[Op] = []
+    grad_c = needs.x or needs.factors
+    if needs.bias:
+        bwd.append(Pass(n * h))
+    if khatri_rao:
+        fwd += [*_kr_build(shape, rank), Gemm(n, h, rank)]  # addmm: the bias is fused
+        if needs.factors:
+            bwd += [Gemm(h, rank, n), *_kr_adjoint(shape, rank)]
+        if grad_c:
+            bwd.append(Gemm(n, rank, h))
+        return fwd, bwd
+    order = _modewise_out(shape, n, rank)[0]
+    size = 1
+    for k in order[:-1]:
+        size *= shape[k]
+        fwd.append(Pass(n * size * rank))
+        if grad_c or needs.factors:
+            bwd += [Pass(n * size * rank)] * 3
+    last = order[-1]
+    fwd += _einsum(n * h // shape[last], shape[last], rank)
+    if bias:
+        fwd.append(Pass(n * h))
+    if needs.factors:
+        bwd += _einsum(shape[last], rank, n * h // shape[last])
+    if grad_c or needs.factors:
+        bwd += _einsum(n * h // shape[last], rank, shape[last])
+    return fwd, bwd
+
+
+def _kernel_ops(plan: CPLinearPlan, n: int, needs: _Needs, bias: bool) -> dict[str, list[Op]]:
+    """The op lists of the three kernels (forward plus the backward ``needs`` implies)."""
+    r = plan.rank
+    in_fwd, in_bwd = _input_side(plan.in_shape, r, n, plan.in_khatri_rao, needs)
+    out_fwd, out_bwd = _output_side(plan.out_shape, r, n, plan.out_khatri_rao, needs, bias)
+    fwd, bwd = in_fwd + out_fwd, (in_bwd + out_bwd if needs.any else [])
+    # The Function keeps only x and the core: its backward rebuilds the Khatri-Rao products
+    # (and the mode-wise expansions) that autograd would keep.
+    rebuild: list[Op] = []
+    if needs.any:
+        if plan.out_khatri_rao and (needs.x or needs.factors):
+            rebuild += _kr_build(plan.out_shape, r)
+        if plan.in_khatri_rao and needs.x:
+            rebuild += _kr_build(plan.in_shape, r)
+    # Autograd records about two nodes per op of the forward (views included).
+    ops_nodes = [Node(2 * _launches(fwd))] if needs.any else []
+    h_in, h_out = prod(plan.in_shape), prod(plan.out_shape)
+    dense_fwd = [
+        *_kr_build(plan.in_shape, r), *_kr_build(plan.out_shape, r),
+        Gemm(h_out, h_in, r), Gemm(n, h_out, h_in),
+    ]  # fmt: skip
+    dense_bwd: list[Op] = []
+    if needs.x:
+        dense_bwd.append(Gemm(n, h_in, h_out))
+    if needs.factors:
+        dense_bwd += [
+            Gemm(h_out, h_in, n), Gemm(h_out, r, h_in), Gemm(h_in, r, h_out),
+            *_kr_adjoint(plan.in_shape, r), *_kr_adjoint(plan.out_shape, r),
+        ]  # fmt: skip
+    if needs.bias:
+        dense_bwd.append(Pass(n * h_out))
+    dense_nodes = [Node(2 * _launches(dense_fwd))] if needs.any else []
+    return {
+        "function": [PyFunction(needs.any), *fwd, *bwd, *rebuild],
+        "ops": [*ops_nodes, *fwd, *bwd],
+        "dense": [*dense_nodes, *dense_fwd, *dense_bwd],
+    }
+
+
+@lru_cache(maxsize=4096)
+def _choose_kernel(
+    in_shape, out_shape, rank, rows, strategy, itemsize, device_type, needs, bias, forced,
+    generation,
+) -> tuple[str, CPLinearPlan, dict[str, float]]:  # fmt: skip
+    plan = _make_plan(in_shape, out_shape, rank, rows, strategy, itemsize, device_type,
+                      generation)  # fmt: skip
+    times = estimate(_kernel_ops(plan, rows, needs, bias), itemsize, device_type)
+    if not needs.any:
+        # Without gradients the Function's forward is called directly: one kernel.
+        times["function"] = times["ops"]
+    if forced in ("function", "ops", "dense"):
+        return forced, plan, times
+    kernel = "ops" if times["ops"] <= times["function"] or not needs.any else "function"
+    dense_allowed = forced != "factorized" and strategy == "auto"
+    if forced == "dense" or (dense_allowed and times["dense"] < DENSE_MARGIN * times[kernel]):
+        kernel = "dense"
+    return kernel, plan, times
+
+
+def _forced(path: str | None) -> str | None:
+    """The pinned choice: a ``path=`` argument, else :func:`force_kernel`, else
+    :func:`force_path`."""
+    if path is not None:
+        return path
+    return forced_kernel() or forced_path()
+
+
+def cp_linear_plan(
+    in_shape: Sequence[int],
+    out_shape: Sequence[int],
+    rank: int,
+    input_shape: Sequence[int],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device_type: str = "cpu",
+    input_grad: bool = False,
+    factor_grad: bool = True,
+    bias: bool = True,
+    strategy: str = "auto",
+    path: str | None = None,
+) -> dict:
+    """What :func:`cp_linear` does for an input of ``input_shape``.
+
+    Returns a dict: ``path`` (``"factorized"`` or ``"dense"``), ``kernel`` (``"function"``:
+    the hand-written :class:`CPLinearFunction`; ``"ops"``: the same forward's ops
+    differentiated by autograd, no Python autograd node; ``"dense"``: the weight formed
+    from the factors, then one GEMM), ``plan`` (the factorized route, a
+    :class:`CPLinearPlan`) and ``seconds`` (the cost model's estimate of each kernel,
+    forward plus the backward the gradient flags imply). ``input_grad`` / ``factor_grad``
+    say which gradients are needed (``factor_grad`` also for the bias); ``path`` forces a
+    path as the argument of :func:`cp_linear` does. A symbolic batch counts as
+    :data:`~kronlayers.functional._dispatch.SYMBOLIC_ROWS` rows.
+    """
+    path = check_path(path)
+    _check_strategy(strategy)
+    rows = static_rows(tuple(input_shape))
+    needs = _Needs(bool(input_grad), bool(factor_grad), bool(factor_grad and bias))
+    kernel, plan, times = _choose_kernel(
+        tuple(in_shape), tuple(out_shape), int(rank),
+        SYMBOLIC_ROWS if rows is None else rows, strategy, dtype.itemsize, device_type,
+        needs, bool(bias), _forced(path), plan_generation(),
+    )  # fmt: skip
+    return {
+        "path": "dense" if kernel == "dense" else "factorized",
+        "kernel": kernel,
+        "plan": plan,
+        "seconds": times,
+    }
 
 
 def cp_linear_flops(
@@ -204,20 +459,6 @@ def _factor_grad(big: torch.Tensor, small: torch.Tensor, dim: int) -> torch.Tens
     prod_ = big * small.unsqueeze(dim)
     axes = [a for a in range(prod_.dim() - 1) if a != dim]
     return prod_.sum(axes) if axes else prod_
-
-
-def _khatri_rao_factor_grad(
-    grad_k: torch.Tensor, factors: Sequence[torch.Tensor], k: int
-) -> torch.Tensor:
-    """Gradient for ``factors[k]`` given the gradient ``(prod d_j, R)`` of their Khatri-Rao."""
-    shape = [f.shape[0] for f in factors]
-    t = grad_k.reshape(*shape, -1)
-    alive = list(range(len(factors)))
-    # Largest other mode first: each step shrinks the tensor the most.
-    for j in sorted((j for j in alive if j != k), key=lambda j: -shape[j]):
-        t = _contract(t, factors[j], alive.index(j))
-        alive.remove(j)
-    return t
 
 
 def _expand(c: torch.Tensor, out_factors: Sequence[torch.Tensor], plan: CPLinearPlan) -> list:
@@ -367,13 +608,9 @@ class CPLinearFunction(torch.autograd.Function):
         grad_bias = g2.sum(0) if need_bias else None
         if plan.out_khatri_rao:
             if any(need_b):
-                # (R, N) @ (N, H) keeps the long axis as the GEMM's output columns, about
-                # twice as fast on CPU as (H, N) @ (N, R) for small R.
-                grad_k = (c.t() @ g2).t()
-                for p in range(n_out):
-                    if need_b[p]:
-                        grads_b[p] = _khatri_rao_factor_grad(grad_k, b_fs, p)
-                del grad_k
+                # (H, N) @ (N, R): contiguous with the rank axis innermost, the layout in
+                # which the factor gradients' contractions vectorise (see khatri_rao_grads).
+                grads_b = khatri_rao_grads(g2.t() @ c, b_fs, need_b)
             if need_c:
                 dc = g2 @ _khatri_rao(b_fs)
         elif need_c or any(need_b):
@@ -404,11 +641,7 @@ class CPLinearFunction(torch.autograd.Function):
         if need_c:
             if plan.in_khatri_rao:
                 if any(need_a):
-                    grad_k = (dc.t() @ x.reshape(n, in_features)).t()
-                    for q in range(n_in):
-                        if need_a[q]:
-                            grads_a[q] = _khatri_rao_factor_grad(grad_k, a_fs, q)
-                    del grad_k
+                    grads_a = khatri_rao_grads(x.reshape(n, in_features).t() @ dc, a_fs, need_a)
                 # Last, so the largest result is allocated when the least else is alive.
                 if need_x:
                     grad_x = (dc @ _khatri_rao(a_fs).t()).view(x.shape)
@@ -468,26 +701,42 @@ def cp_linear(
     bias: torch.Tensor | None = None,
     *,
     strategy: str = "auto",
+    path: str | None = None,
 ) -> torch.Tensor:
     r"""Apply ``y = x W^T + b`` with a CP-factorized, tensorized weight ``W``.
 
     ``W`` reshaped to ``(out_1, ..., out_P, in_1, ..., in_Q)`` (row-major, as TensorLy-Torch's
     ``to_matrix()``) is ``sum_r B_1[:, r] ∘ ... ∘ B_P[:, r] ∘ A_1[:, r] ∘ ... ∘ A_Q[:, r]``. It
-    is never formed: the input is reduced to an ``(N, R)`` core through the input factors and
-    expanded through the output factors, at about ``N * R * (H_in + H_out)`` multiply-adds
-    (see :func:`cp_linear_flops`). Forward and backward are hand-written
-    (:class:`CPLinearFunction`), each step a GEMM, a two-operand einsum or an elementwise
-    product. Under autocast every floating argument is cast to the autocast dtype and both
-    passes run in it; when no gradient can be needed the kernel runs without an autograd
-    node (:func:`kronlayers.functional._amp.apply_autocast`).
+    is contracted through the input factors to an ``(N, R)`` core and expanded through the
+    output factors, at about ``N * R * (H_in + H_out)`` multiply-adds (see
+    :func:`cp_linear_flops`), by one of three kernels that the cost model of
+    :mod:`kronlayers.functional._dispatch` picks per call shape, dtype, device and the
+    gradients needed (:func:`cp_linear_plan` tells which):
+
+    * ``"function"``: :class:`CPLinearFunction`, hand-written forward and backward, each step
+      a GEMM, a two-operand einsum or an elementwise product; between forward and backward
+      it keeps only the input and the core;
+    * ``"ops"``: the same forward's ops, differentiated by autograd: no Python autograd node
+      (about 0.1 ms less per call on CPU) and the Khatri-Rao products kept rather than
+      rebuilt; the only kernel when no gradient is needed;
+    * ``"dense"``: ``W`` formed from the factors (one GEMM over the rank), then
+      ``F.linear``: chosen when the rank is so high that this is faster (it must be
+      clearly faster, :data:`DENSE_MARGIN`), so the layer is never much slower than
+      the dense layer it replaces.
+
+    Under autocast every floating argument is cast to the autocast dtype and both passes run
+    in it (:func:`kronlayers.functional._amp.apply_autocast`).
 
     Guarantees:
 
     * Derivatives of every order are exact (the backward is differentiable): gradient
       penalties, ``gradgradcheck``, ``torch.func.vmap`` / ``grad`` / ``jacrev`` work.
       Forward-mode AD (``jvp``, ``jacfwd``) raises PyTorch's error asking for a ``jvp``.
-    * float32 / float64: the kernel runs on the factors as given (bit-identical to calling
-      :class:`CPLinearFunction` directly).
+    * Every kernel computes the same function and gradients (the factorized ones
+      bit-identically in forward: they run the same ops); tests compare each against the
+      dense reference in float64.
+    * float32 / float64: the factorized kernels run on the factors as given (bit-identical
+      to calling :class:`CPLinearFunction` directly).
     * float16 / bfloat16 (the input's dtype, or the autocast dtype): the factors are first
       rescaled per rank term, in float32 and without changing ``W``, so that ``K_in`` and
       ``K_out`` carry equal shares of each rank-one term's norm ``P_r = prod ||column r||``
@@ -499,20 +748,25 @@ def cp_linear(
       accuracy beyond the format's (about 3 and 2 significant digits).
     * Meta tensors: meta input and factors give a meta output of the right shape (shape
       inference); mixing devices raises ``ValueError`` naming the argument.
-    * ``strategy="auto"`` with a symbolic batch size (``torch.export`` with a dynamic batch,
-      ``torch.compile(dynamic=True)``) takes the large-batch route, so one graph serves
-      every batch size; concrete batch sizes use the cost model (:func:`make_plan`).
+    * A symbolic batch size (``torch.export`` with a dynamic batch,
+      ``torch.compile(dynamic=True)``), and any call while compiling, is planned for
+      :data:`~kronlayers.functional._dispatch.SYMBOLIC_ROWS` rows, so one graph serves every
+      batch size; concrete batch sizes in eager mode are planned for their size.
 
     Args:
         input: ``(*, H_in)`` with ``H_in = prod_q in_q``.
         in_factors: ``Q`` tensors ``A_q`` of shape ``(in_q, R)``.
         out_factors: ``P`` tensors ``B_p`` of shape ``(out_p, R)``, same ``R``.
         bias: optional ``(H_out,)`` with ``H_out = prod_p out_p``.
-        strategy: ``"auto"`` (the cheapest in FLOPs for this batch size), ``"khatri_rao"``
-            (multiply by the ``(H, R)`` Khatri-Rao product of each side's factors: one large
-            GEMM, best for batches larger than the mode sizes) or ``"modewise"`` (contract
-            the input modes one at a time, largest first, and expand the output modes one at
-            a time; best for a few rows).
+        strategy: the route of the factorized kernels: ``"auto"`` (per side, the faster
+            under the cost model, see :func:`make_plan`), ``"khatri_rao"`` (multiply by the
+            ``(H, R)`` Khatri-Rao product of each side's factors: one large GEMM) or
+            ``"modewise"`` (contract the input modes one at a time, largest first, and
+            expand the output modes one at a time). A route other than ``"auto"`` asks for
+            the factorized kernels: the dense kernel is then only taken when forced.
+        path: ``None`` (automatic), ``"factorized"`` or ``"dense"``; overrides
+            :func:`~kronlayers.functional._dispatch.force_kernel` and
+            :func:`~kronlayers.functional._dispatch.force_path`.
 
     Returns:
         ``(*, H_out)``.
@@ -527,6 +781,8 @@ def cp_linear(
         >>> torch.allclose(y, x @ w.T, atol=1e-4)
         True
     """
+    path = check_path(path)
+    _check_strategy(strategy)
     in_shape, rank = check_cp_factors(in_factors, "in_factors")
     out_shape, out_rank = check_cp_factors(out_factors, "out_factors")
     if out_rank != rank:
@@ -548,6 +804,121 @@ def cp_linear(
     in_factors, out_factors = balance_cp_stages(
         [list(in_factors), list(out_factors)], compute_dtype(input)
     )
+    factors = (*in_factors, *out_factors)
+    if torch.is_grad_enabled():
+        needs = _Needs(
+            input.requires_grad,
+            any(f.requires_grad for f in factors),
+            bias is not None and bias.requires_grad,
+        )
+    else:
+        needs = _NO_NEEDS
+    device_type = input.device.type
     n = input.numel() // prod(in_shape)  # symbolic under torch.export / dynamic compile
-    plan = make_plan(in_shape, out_shape, rank, n, strategy)
-    return apply_autocast(CPLinearFunction, input, bias, plan, *in_factors, *out_factors)[0]
+    kernel, plan, _ = _choose_kernel(
+        in_shape, out_shape, rank, _concrete_rows(n), strategy, input.dtype.itemsize,
+        device_type, needs, bias is not None, _forced(path), plan_generation(),
+    )  # fmt: skip
+    if kernel == "dense":
+        return F.linear(input, cp_linear_weight(in_factors, out_factors), bias)
+    if kernel == "ops" and _autocast_dtype(device_type) is None:
+        # The forward's ops, recorded by autograd when a gradient is needed.
+        return CPLinearFunction.forward(input, bias, plan, *factors)[0]
+    return apply_autocast(CPLinearFunction, input, bias, plan, *factors)[0]
+
+
+_NO_NEEDS = _Needs(False, False, False)
+_MAX_PLANS = 256
+
+
+def cp_linear_call(
+    input: object,
+    bias: torch.Tensor | None,
+    factors: tuple[torch.Tensor, ...],
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    plans: dict,
+) -> torch.Tensor | None:
+    """:func:`cp_linear` without the per-call argument checks (a module's hot path).
+
+    The caller guarantees that ``factors`` (the ``Q`` input factors, then the output
+    factors) and ``bias`` are valid CP factors of ``in_shape`` / ``out_shape`` with one
+    dtype and device. ``plans``: a dict the caller owns, in which the kernel and route are
+    cached per call signature (input shape, dtypes, device, gradients needed, forced
+    kernel); the input is checked (with :func:`cp_linear`'s errors) when its signature is
+    first seen. Returns ``None`` where the full :func:`cp_linear` must run instead: autocast,
+    half precision (factor balancing), ``torch.func`` transforms, compilation or export.
+    """
+    if (
+        type(input) is not torch.Tensor
+        or input.dtype not in _FULL_PRECISION
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch._C._are_functorch_transforms_active()
+        or _autocast_dtype(input.device.type) is not None
+    ):
+        return None
+    first = factors[0]
+    if torch.is_grad_enabled():
+        needs = _Needs(
+            input.requires_grad,
+            any(f.requires_grad for f in factors),
+            bias is not None and bias.requires_grad,
+        )
+    else:
+        needs = _NO_NEEDS
+    forced = _forced(None)
+    key = (input.shape, input.dtype, input.device, first.dtype, first.device, needs, forced)
+    entry = plans.get(key)
+    if entry is None or entry[0] != plan_generation():
+        check_linear_input(
+            input, prod(in_shape), f"the product of the in_factors' sizes {in_shape}"
+        )
+        check_like("in_factors[0]", first, input, autocast=False)
+        check_bias(bias, prod(out_shape), input, autocast=False)
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        kernel, plan, _ = _choose_kernel(
+            in_shape, out_shape, first.shape[1], input.numel() // prod(in_shape), "auto",
+            input.dtype.itemsize, input.device.type, needs, bias is not None, forced,
+            plan_generation(),
+        )  # fmt: skip
+        entry = plans[key] = (plan_generation(), kernel, plan)
+    _, kernel, plan = entry
+    if kernel == "dense":
+        n_in = len(in_shape)
+        return F.linear(input, cp_linear_weight(factors[:n_in], factors[n_in:]), bias)
+    if not needs.any and plan.in_khatri_rao and plan.out_khatri_rao:
+        return _inference_khatri_rao(input, bias, factors, len(in_shape), plans)
+    if kernel == "ops" or not needs.any:
+        return CPLinearFunction.forward(input, bias, plan, *factors)[0]
+    return apply_autocast(CPLinearFunction, input, bias, plan, *factors)[0]
+
+
+def _inference_khatri_rao(input, bias, factors, n_in, plans) -> torch.Tensor:
+    # Without gradients the Khatri-Rao products are kept between calls while the factors
+    # are unchanged (same storage, same version counter: an in-place optimizer step bumps
+    # it), which leaves two GEMMs per call: on a small layer the products' half a dozen
+    # ops cost more than the GEMMs.
+    stamp = tuple((f.data_ptr(), f._version) for f in factors)
+    kept = plans.get("khatri_rao")
+    if kept is None or kept[0] != stamp:
+        kept = plans["khatri_rao"] = (
+            stamp, _khatri_rao(factors[:n_in]), _khatri_rao(factors[n_in:]).t()
+        )  # fmt: skip
+    _, k_in, k_out_t = kept
+    x2 = input.reshape(-1, k_in.shape[0])
+    c = x2 @ k_in
+    y = c @ k_out_t if bias is None else torch.addmm(bias, c, k_out_t)
+    return y.view(*input.shape[:-1], k_out_t.shape[1])
+
+
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
+def cp_linear_weight(
+    in_factors: Sequence[torch.Tensor], out_factors: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """The dense ``(H_out, H_in)`` weight ``K_out K_in^T`` of :func:`cp_linear`
+    (differentiable; one GEMM over the rank)."""
+    return _khatri_rao(out_factors) @ _khatri_rao(in_factors).t()

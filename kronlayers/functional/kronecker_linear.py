@@ -12,7 +12,7 @@ from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
 
 from .._shapes import MAX_MODES, prod
 from .._validation import check_bias, check_factor_list, check_like, check_linear_input
-from ._amp import _autocast_dtype, apply_autocast
+from ._amp import _LOW_PRECISION, _autocast_dtype, apply_autocast, balance_kron_factors
 from ._dispatch import (
     SYMBOLIC_ROWS,
     check_path,
@@ -327,6 +327,23 @@ def kronecker_linear(
     Returns:
         ``(*, H_out)``.
 
+    Guarantees:
+
+    * float32 / float64: the kernels run on the factors as given (bit-identical to calling
+      :class:`KroneckerLinearFunction`, or ``F.linear`` with the formed weight, directly).
+    * float16 / bfloat16 (the input's dtype, or the autocast dtype): the factors are first
+      rescaled per rank term, in float32 and without changing ``W`` (``(c A) ⊗ (B / c) =
+      A ⊗ B``), so that every factor of term ``r`` has the norm ``P_r ** (1 / d)``, ``P_r =
+      prod_k ||F_k[r]||_F`` (:func:`kronlayers.functional._amp.balance_kron_factors`), on
+      both paths and in the module's cached calls. After ``j`` of the ``d`` steps an
+      intermediate of term ``r`` is then at most ``||x|| P_r ** (j / d)``, between the
+      input's and the output's scale, so badly balanced factors (norms ``1e3`` and
+      ``1e-3``) no longer overflow where the dense layer stays finite; gradients with
+      respect to the original factors are exact up to rounding. Not guaranteed:
+      finiteness when a term itself exceeds the format (``||x|| P_r`` above ~65504 for
+      fp16) even if the terms cancel in ``y``, accuracy beyond the format's (about 3 and 2
+      significant digits), or balancing when a factor norm exceeds float32's range.
+
     Example::
 
         >>> a, b = torch.randn(1, 3, 4), torch.randn(1, 5, 6)
@@ -363,7 +380,22 @@ def kronecker_linear_call(
     checks, which raise its errors) when its signature is first seen. Without ``plans``
     the caller must have validated the input too; the plan then comes from a process-wide
     cache and is dispatched on every call.
+
+    In float16 / bfloat16 (the input's dtype or the autocast dtype) the factors are balanced
+    first (:func:`kronlayers.functional._amp.balance_kron_factors`), on every path.
     """
+    device_type = input.device.type
+    amp = _autocast_dtype(device_type)
+    if plans is not None and amp is not None:
+        # Autocast calls bypass the cached runners, whose first call validates the input:
+        # validated here (else a wrong input fails inside a GEMM, without naming it).
+        _check_call(input, factors, bias, config)
+    # fp16 / bf16 only (autocast leaves a float64 input alone): equalize the factor norms per
+    # rank term so that no intermediate overflows where the dense layer stays finite. The
+    # weight is unchanged, and float32 / float64 calls get the very same tensors.
+    dtype = input.dtype if amp is None or input.dtype == torch.float64 else amp
+    if dtype in _LOW_PRECISION:
+        factors = balance_kron_factors(factors, dtype)
     if torch.is_grad_enabled():
         needs = (
             input.requires_grad,
@@ -372,7 +404,6 @@ def kronecker_linear_call(
         )
     else:
         needs = _NO_NEEDS[len(factors)]
-    device_type = input.device.type
     forced = path if path is not None else forced_path()
     if torch.compiler.is_compiling():
         # Exported programs run at batch sizes other than the example's, and a decision on
@@ -390,7 +421,7 @@ def kronecker_linear_call(
     if (
         plans is not None
         and not exporting
-        and _autocast_dtype(device_type) is None
+        and amp is None
         and not torch._C._are_functorch_transforms_active()  # per-sample shapes
     ):
         key = (input.shape, input.dtype, input.device, needs, bias is not None, forced)
@@ -433,10 +464,15 @@ def _inference_runner(config, input, bias, factors, params):
     """For a no-grad call of one row through two single-term factors on the factorized
     path: ``(input shape, dtype, device, (*params, bias), their storage pointers, state,
     run)`` where ``run(x)`` computes ``A @ X @ B^T + bias`` with views of the factors made
-    once (two GEMM calls and two views per call). ``None`` for any other call."""
+    once (two GEMM calls and two views per call). ``None`` for any other call, and in
+    float16 / bfloat16."""
     in_shape, out_shape = config.in_shape, config.out_shape
     state = _inference_state(input.device.type)
     if len(in_shape) != 2 or config.rank != 1 or state is None or input.dim() == 0:
+        return None
+    if input.dtype in _LOW_PRECISION:
+        # Its views of the raw factors would skip the balancing kronecker_linear_call does
+        # in half precision (and balanced copies would not see in-place updates).
         return None
     if static_rows(input.shape) != 1 or torch.compiler.is_exporting():
         return None

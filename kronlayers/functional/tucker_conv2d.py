@@ -17,11 +17,18 @@ rank-channel intermediates ``u`` and ``v`` are channels-last whatever the input'
 oneDNN ran the core convolution and its backward about 2x faster on NHWC than on NCHW
 (``R = 16..64``, ``3 x 3``), and the layout change costs (almost) nothing because the channel
 GEMMs can write either layout (NCHW vs NHWC is only which GEMM operand is transposed). On
-other devices the intermediates follow the input's layout.
+other devices the intermediates follow the input's layout (the channel GEMMs are shared with
+``cp_conv2d``: :mod:`kronlayers.functional._channels`).
+
+``torch.func`` (``vmap``, ``grad``, ``jacrev``, per-sample gradients) works through
+``generate_vmap_rule``: inside a transform the intermediates are NCHW, as the memory format
+of functorch tensors cannot be queried. Forward-mode AD raises PyTorch's error asking for a
+``jvp`` staticmethod (the dense path, taken at high ranks, supports it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +46,14 @@ from .._validation import (
     check_tensor,
 )
 from ._amp import _autocast_dtype, apply_autocast
+from ._channels import (
+    channel_grad,
+    contract_channels,
+    is_channels_last,
+    rank_channels_last,
+)
+from ._conv_dispatch import choose_conv_path, conv_batch, dense_conv, dense_conv_ops
+from ._dispatch import Gemm, Op, Pass, PyFunction, check_path, estimate
 
 __all__ = [
     "TuckerConv2dConfig",
@@ -46,12 +61,8 @@ __all__ = [
     "tucker_conv2d",
     "tucker_conv2d_flops",
     "tucker_conv2d_kernel",
+    "tucker_conv2d_plan",
 ]
-
-# Below this many output channels an NCHW -> NHWC channel GEMM (whose result is a narrow
-# (H*W, o) matrix) was several times slower in MKL than the NCHW GEMM followed by a
-# transposing copy of its small result (measured for cp_conv2d, which shares the pattern).
-_NHWC_GEMM_MIN_CHANNELS = 16
 
 
 @dataclass(frozen=True)
@@ -84,107 +95,6 @@ class TuckerConv2dConfig:
         top, bottom, left, right = self.padding
         ph, pw = self.conv_padding
         return (left - pw, right - pw, top - ph, bottom - ph)
-
-
-# ----------------------------------------------------------------------------------------------
-# Building blocks. Every one is an ordinary differentiable op on its arguments, because the
-# backward is built from them and must itself be differentiable (double backward).
-# ----------------------------------------------------------------------------------------------
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    # Strictly channels-last: a tensor contiguous in both senses (C == 1 or H*W == 1) takes the
-    # NCHW paths, where it is a view just the same.
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-def _rank_channels_last(x: torch.Tensor) -> bool:
-    # See the module docstring: NHWC intermediates on CPU, the input's layout elsewhere.
-    return x.device.type == "cpu" or _is_channels_last(x)
-
-
-def _contract(
-    t: torch.Tensor,
-    m: torch.Tensor,
-    channels_last: bool,
-    bias: torch.Tensor | None = None,
-    fresh: bool = False,
-) -> torch.Tensor:
-    """``out[n, o, h, w] = sum_c m[o, c] t[n, c, h, w] (+ bias[o])``, laid out as requested.
-
-    ``t.reshape(n, c, h*w)`` is a view for NCHW and NHWC alike (it only merges ``h`` and
-    ``w``), so every layout combination is one (batched) GEMM on views; which layout comes out
-    is decided by which operand goes first. ``mm``/``bmm`` rather than ``torch.matmul``: matmul
-    picks its strategy from ``requires_grad`` (set on the inputs inside ``Function.forward``)
-    and then folds a transposed operand with a copy.
-
-    ``fresh=True`` (the forward's output only, where grad mode is off) writes the GEMM into a
-    newly allocated tensor of the final layout instead of returning a view of the GEMM's
-    result: a Function output that is a view of a tensor made inside ``forward`` cannot be
-    modified in place (``nn.ReLU(inplace=True)`` after the layer would raise).
-    """
-    n, c, h, w = t.shape
-    o = m.shape[0]
-    if channels_last and (_is_channels_last(t) or o >= _NHWC_GEMM_MIN_CHANNELS) and fresh:
-        y = torch.empty((n, o, h, w), dtype=t.dtype, device=t.device)
-        y = y.contiguous(memory_format=torch.channels_last)
-        if _is_channels_last(t):
-            rows = t.permute(0, 2, 3, 1).reshape(n * h * w, c)
-            dst = y.permute(0, 2, 3, 1).view(n * h * w, o)
-            if bias is None:
-                torch.mm(rows, m.t(), out=dst)
-            else:
-                torch.addmm(bias, rows, m.t(), out=dst)
-        else:
-            dst = y.permute(0, 2, 3, 1).view(n, h * w, o)
-            t3 = t.reshape(n, c, h * w).transpose(1, 2)
-            if bias is None:
-                torch.bmm(t3, m.t().expand(n, c, o), out=dst)
-            else:
-                torch.baddbmm(bias.view(1, 1, o), t3, m.t().expand(n, c, o), out=dst)
-        return y
-    if channels_last and _is_channels_last(t):
-        # NHWC to NHWC: all pixels are rows of one GEMM.
-        rows = t.permute(0, 2, 3, 1).reshape(n * h * w, c)
-        out = torch.mm(rows, m.t()) if bias is None else torch.addmm(bias, rows, m.t())
-        return out.view(n, h, w, o).permute(0, 3, 1, 2)
-    t3 = t.reshape(n, c, h * w)
-    if channels_last and o >= _NHWC_GEMM_MIN_CHANNELS:
-        mt = m.t().expand(n, c, o)
-        if bias is None:
-            out = torch.bmm(t3.transpose(1, 2), mt)
-        else:
-            out = torch.baddbmm(bias.view(1, 1, o), t3.transpose(1, 2), mt)
-        return out.view(n, h, w, o).permute(0, 3, 1, 2)
-    if bias is None:
-        out = torch.bmm(m.expand(n, o, c), t3)
-    else:
-        out = torch.baddbmm(bias.view(1, o, 1), m.expand(n, o, c), t3)
-    # _unsafe_view: the same memory without view tracking (see ``fresh`` above).
-    out = torch.ops.aten._unsafe_view(out, (n, o, h, w)) if fresh else out.view(n, o, h, w)
-    if channels_last:
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
-
-
-def _channel_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``sum_{n,h,w} a[n, i, h, w] b[n, j, h, w]``: the ``(I, J)`` gradient of a channel GEMM.
-
-    The smaller of ``I``, ``J`` indexes the GEMM's rows (MKL is markedly slower with a narrow
-    result); transposing the small result back is free.
-    """
-    if a.shape[1] > b.shape[1]:
-        return _channel_grad(b, a).t()
-    n, i, h, w = a.shape
-    j = b.shape[1]
-    if _is_channels_last(a) and _is_channels_last(b):
-        a2 = a.permute(0, 2, 3, 1).reshape(n * h * w, i)
-        b2 = b.permute(0, 2, 3, 1).reshape(n * h * w, j)
-        return torch.mm(a2.t(), b2)
-    # One small (I, J) GEMM per sample, then a sum: views only, whatever the two layouts.
-    a3 = a.reshape(n, i, h * w)
-    b3 = b.reshape(n, j, h * w)
-    return torch.bmm(a3, b3.transpose(1, 2)).sum(0)
 
 
 def _pad_excess(u: torch.Tensor, config: TuckerConv2dConfig) -> torch.Tensor:
@@ -280,6 +190,8 @@ class TuckerConv2dFunction(torch.autograd.Function):
     PyTorch), so ``create_graph=True`` gives exact second derivatives.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(
         input: torch.Tensor,
@@ -289,10 +201,10 @@ class TuckerConv2dFunction(torch.autograd.Function):
         in_factor: torch.Tensor,
         out_factor: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rank_cl = _rank_channels_last(input)
-        u = _pad_excess(_contract(input, in_factor.t(), rank_cl), config)
+        rank_cl = rank_channels_last(input)
+        u = _pad_excess(contract_channels(input, in_factor.t(), rank_cl), config)
         v = F.conv2d(u, core, None, config.stride, config.conv_padding, config.dilation)
-        y = _contract(v, out_factor, _is_channels_last(input), bias, fresh=True)
+        y = contract_channels(v, out_factor, is_channels_last(input), bias, fresh=True)
         return y, u, v
 
     @staticmethod
@@ -315,8 +227,8 @@ class TuckerConv2dFunction(torch.autograd.Function):
         )
         ctx.config = config
         ctx.has_bias = bias is not None
-        ctx.x_channels_last = _is_channels_last(input)
-        ctx.rank_channels_last = _rank_channels_last(input)
+        ctx.x_channels_last = is_channels_last(input)
+        ctx.rank_channels_last = rank_channels_last(input)
         ctx.u_shape = u.shape
 
     @staticmethod
@@ -342,13 +254,13 @@ class TuckerConv2dFunction(torch.autograd.Function):
             if need_bias and ctx.has_bias:
                 grad_bias = grad_y.sum((0, 2, 3))
             if need_out:
-                grad_out = _channel_grad(grad_y, v)
+                grad_out = channel_grad(grad_y, v)
 
         # The gradient reaching v: from y through out_factor, plus any that reached the saved
         # v directly (double backward).
         gv = None
         if need_gv and grad_y is not None:
-            gv = _contract(grad_y, out_factor.t(), ctx.rank_channels_last)
+            gv = contract_channels(grad_y, out_factor.t(), ctx.rank_channels_last)
         if need_gv and grad_v is not None:
             gv = grad_v if gv is None else gv + grad_v
 
@@ -363,9 +275,9 @@ class TuckerConv2dFunction(torch.autograd.Function):
         if gu is not None:
             gu = _crop_excess(gu, config)
             if need_in:
-                grad_in = _channel_grad(x, gu)
+                grad_in = channel_grad(x, gu)
             if need_x:
-                grad_x = _contract(gu, in_factor, ctx.x_channels_last)
+                grad_x = contract_channels(gu, in_factor, ctx.x_channels_last)
 
         return grad_x, grad_bias, None, grad_core, grad_in, grad_out
 
@@ -428,6 +340,8 @@ def tucker_conv2d(
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] | str = 0,
     dilation: int | tuple[int, int] = 1,
+    *,
+    path: str | None = None,
 ) -> torch.Tensor:
     r"""2-D convolution with the Tucker-2 kernel ``core ×_0 out_factor ×_1 in_factor``.
 
@@ -438,7 +352,10 @@ def tucker_conv2d(
     Tucker ``FactorizedConv``. That is
     ``C_in R_in H_in W_in + (R_in R_out kh kw + R_out C_out) H_out W_out`` multiply-adds per
     sample instead of ``C_out C_in kh kw H_out W_out``. Forward and backward are hand-written
-    (:class:`TuckerConv2dFunction`) and twice differentiable.
+    (:class:`TuckerConv2dFunction`) and twice differentiable. When the ranks are so high
+    that forming the kernel and running one ``F.conv2d`` is clearly faster (the cost model
+    of :mod:`kronlayers.functional._dispatch`, see :func:`tucker_conv2d_plan`), that dense
+    path runs instead, so the layer is never much slower than the convolution it replaces.
 
     Args:
         input: ``(N, C_in, H_in, W_in)`` or unbatched ``(C_in, H_in, W_in)``; ``N = 0`` is
@@ -452,6 +369,9 @@ def tucker_conv2d(
             ``'valid'`` (none) or ``'same'`` (stride 1 only; an odd total goes to the bottom /
             right, as in ``F.conv2d``). For other padding modes pad the input with ``F.pad``
             first. Default: 0.
+        path: ``None`` (automatic), ``"factorized"`` or ``"dense"``; overrides
+            :func:`~kronlayers.functional._dispatch.force_kernel` and
+            :func:`~kronlayers.functional._dispatch.force_path`.
 
     Every tensor must share the input's device (``ValueError``) and dtype (``TypeError``;
     under autocast all are cast to the autocast dtype instead). Arguments of the wrong type
@@ -483,6 +403,7 @@ def tucker_conv2d(
         >>> torch.allclose(y, F.conv2d(x, w, padding=1), atol=1e-4)
         True
     """
+    path = check_path(path)
     check_tensor("input", input)
     _check_factor("core", core, _CORE, 4)
     _check_factor("in_factor", in_factor, _IN, 2)
@@ -505,8 +426,88 @@ def tucker_conv2d(
 
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    y, _, _ = apply_autocast(TuckerConv2dFunction, x, bias, config, core, in_factor, out_factor)
+    needs = (
+        torch.is_grad_enabled() and x.requires_grad,
+        torch.is_grad_enabled() and any(t.requires_grad for t in (core, in_factor, out_factor)),
+        torch.is_grad_enabled() and bias is not None and bias.requires_grad,
+    )
+    factorized, dense = _path_ops(
+        conv_batch(x.shape[0]), in_factor.shape[0], out_factor.shape[0], core.shape,
+        (x.shape[2], x.shape[3]), config, needs,
+    )  # fmt: skip
+    if choose_conv_path(factorized, dense, x.dtype.itemsize, x.device.type, path) == "dense":
+        weight = tucker_conv2d_kernel(core, in_factor, out_factor).contiguous()
+        y = dense_conv(x, weight, bias, stride, pads, dilation)
+    else:
+        y, _, _ = apply_autocast(TuckerConv2dFunction, x, bias, config, core, in_factor, out_factor)
     return y.squeeze(0) if unbatched else y
+
+
+def _path_ops(n, c_in, c_out, core_shape, size, config, needs) -> tuple[list[Op], list[Op]]:
+    """The factorized and dense paths' ops for ``n`` samples of spatial ``size``."""
+    r_out, r_in, kh, kw = core_shape
+    h_out, w_out = conv2d_output_size(size, (kh, kw), config.stride, config.padding,
+                                      config.dilation)  # fmt: skip
+    p_in, p_out, taps = size[0] * size[1], h_out * w_out, kh * kw
+    need_x, need_factors, need_bias = needs
+    fact: list[Op] = [
+        PyFunction(any(needs)),
+        Gemm(n * p_in, r_in, c_in), Gemm(n * p_out, r_out, r_in * taps),
+        Gemm(n * p_out, c_out, r_out),
+    ]  # fmt: skip
+    if need_x or need_factors:  # each stage's input gradient, back to the one needed
+        fact += [Gemm(n * p_out, r_out, c_out), Gemm(n * p_in, r_in * taps, r_out)]
+    if need_x:
+        fact.append(Gemm(n * p_in, c_in, r_in))
+    if need_factors:  # each stage's weight gradient
+        fact += [
+            Gemm(c_out, r_out, n * p_out), Gemm(r_out, r_in * taps, n * p_out),
+            Gemm(r_in, c_in, n * p_in),
+        ]  # fmt: skip
+    if need_bias:
+        fact.append(Pass(n * c_out * p_out))
+    form = [Gemm(c_out, r_in * taps, r_out), Gemm(c_out * taps, c_in, r_in)]
+    form_grad = [Gemm(c_out * taps, r_in, c_in), Gemm(r_out, r_in * taps, c_out)]
+    dense = dense_conv_ops(n, c_in, c_out, taps, p_in, p_out, form, form_grad, needs)
+    return fact, dense
+
+
+def tucker_conv2d_plan(
+    core_shape: Sequence[int],
+    in_channels: int,
+    out_channels: int,
+    input_shape: Sequence[int],
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device_type: str = "cpu",
+    input_grad: bool = False,
+    factor_grad: bool = True,
+    bias: bool = True,
+    path: str | None = None,
+) -> dict:
+    """What :func:`tucker_conv2d` does for an input of ``input_shape`` (``(N, C, H, W)`` or
+    ``(C, H, W)``): ``path`` (``"factorized"`` or ``"dense"``) and ``seconds`` (the cost
+    model's estimate of each path, forward plus the backward the gradient flags imply;
+    ``factor_grad`` also stands for the bias). A symbolic batch counts as
+    :data:`~kronlayers.functional._dispatch.SYMBOLIC_ROWS` samples."""
+    path = check_path(path)
+    r_out, r_in, kh, kw = (int(v) for v in core_shape)
+    stride = check_pair("stride", stride, 1)
+    dilation = check_pair("dilation", dilation, 1)
+    pads = conv2d_padding(padding, (kh, kw), stride, dilation)
+    config = TuckerConv2dConfig(stride=stride, padding=pads, dilation=dilation)
+    shape = tuple(input_shape)
+    n = conv_batch(shape[0]) if len(shape) == 4 else 1
+    needs = (bool(input_grad), bool(factor_grad), bool(factor_grad and bias))
+    fact, dense = _path_ops(n, in_channels, out_channels, (r_out, r_in, kh, kw),
+                            (shape[-2], shape[-1]), config, needs)  # fmt: skip
+    return {
+        "path": choose_conv_path(fact, dense, dtype.itemsize, device_type, path),
+        "seconds": estimate({"factorized": fact, "dense": dense}, dtype.itemsize, device_type),
+    }
 
 
 def tucker_conv2d_flops(

@@ -85,9 +85,27 @@ class FactorizedLayer(nn.Module):
         self, input_shape: Sequence[int], *, requires_grad: bool | None = None
     ) -> str:
         """The kernel path ``forward`` takes on an input of ``input_shape``: ``"factorized"``
-        (the layer's own kernels) or ``"dense"`` (form the weight, one dense op). Layers with
-        a cost-model dispatcher override this; the others always run factorized."""
-        return "factorized"
+        (the layer's own kernels) or ``"dense"`` (form the weight, one dense op).
+
+        ``requires_grad``: whether the call computes gradients (forward + backward is
+        costed); default: grad mode is on and some parameter requires grad. The choice
+        honours :func:`kronlayers.functional._dispatch.force_path` (and ``force_kernel``).
+        See :meth:`dispatch_plan` for the cost estimates behind it."""
+        return self.dispatch_plan(input_shape, requires_grad=requires_grad)["path"]
+
+    def dispatch_plan(
+        self, input_shape: Sequence[int], *, requires_grad: bool | None = None
+    ) -> dict[str, Any]:
+        """What ``forward`` does on an input of ``input_shape``: at least ``"path"``; layers
+        with a cost-model dispatcher add the kernel and the estimated seconds of each.
+        Layers without one always run factorized."""
+        return {"path": "factorized"}
+
+    def _grad_needed(self, requires_grad: bool | None) -> bool:
+        """``requires_grad`` as given, else: grad mode is on and a parameter requires grad."""
+        if requires_grad is not None:
+            return bool(requires_grad)
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
     def rank_label(self) -> str:
         """A short description of the factorization, e.g.
@@ -321,6 +339,11 @@ class FactorizedConv2d(FactorizedLayer):
             raise ValueError(
                 f"groups must be 1 for {type(self).__name__} (grouped convolutions are not "
                 f"factorized here), got groups={groups!r}"
+            )
+        if not isinstance(padding_mode, str):
+            raise TypeError(
+                f"padding_mode must be a str, one of {_PADDING_MODES}, got "
+                f"{type(padding_mode).__name__} {padding_mode!r}"
             )
         if padding_mode not in _PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from .._shapes import prod
-from .._validation import check_rank, check_shape, check_tensor
+from .._validation import check_int, check_rank, check_real, check_shape, check_tensor
 from ..decomposition.cp import cp_decompose, cp_max_rank, cp_rank_from_fraction
 from ..decomposition.whitening import DEFAULT_DAMPING, _check_damping, whitened_cp
-from ..functional.cp_conv2d import cp_conv2d, cp_conv2d_flops, cp_conv2d_kernel
+from ..functional.cp_conv2d import cp_conv2d, cp_conv2d_flops, cp_conv2d_kernel, cp_conv2d_plan
 from ._base import FactorizedConv2d, NotCompressible
 
 __all__ = ["CPConv2d"]
@@ -211,6 +211,20 @@ class CPConv2d(FactorizedConv2d):
             self.stride, padding, self.dilation,
         )  # fmt: skip
 
+    def dispatch_plan(
+        self, input_shape: Sequence[int], *, requires_grad: bool | None = None
+    ) -> dict[str, Any]:
+        """:func:`kronlayers.functional.cp_conv2d_plan` for this layer: the path and the
+        estimated seconds of each for an input of ``input_shape``."""
+        batch, (h, w), padding = self._kernel_call_geometry(input_shape)
+        p = self.kh_factor
+        return cp_conv2d_plan(
+            self.in_channels, self.out_channels, self.kernel_size, self.rank,
+            (batch, self.in_channels, h, w), self.stride, padding, self.dilation,
+            dtype=p.dtype, device_type=p.device.type,
+            factor_grad=self._grad_needed(requires_grad), bias=self.bias is not None,
+        )  # fmt: skip
+
     def rank_label(self) -> str:
         s = f"rank={self.rank}"
         if len(self.in_shape) > 1 or len(self.out_shape) > 1:
@@ -257,8 +271,13 @@ class CPConv2d(FactorizedConv2d):
         calibrated, ``output_error`` the relative output error on the calibration data.
         """
         cls._check_dense(conv)
-        # Checked up front: without input_gram it would be accepted and ignored.
+
+        # Checked up front: without input_gram damping and refine_iter would be accepted and
+        # ignored, and a NaN / negative tol would run the ALS without any error.
         _check_damping(damping)
+        n_iter_max = check_int("n_iter_max", n_iter_max, minimum=0)
+        tol = check_real("tol", tol, minimum=0.0)
+        refine_iter = check_int("refine_iter", refine_iter, minimum=0)
         weight = conv.weight
         layer = cls.like(conv, rank=rank, in_shape=in_shape, out_shape=out_shape)
         if input_gram is not None:

@@ -10,10 +10,16 @@ import torch
 from torch import nn
 
 from .._shapes import MAX_MODES, balanced_factorization, prod
-from .._validation import check_int, check_rank, check_shape, check_tensor
-from ..decomposition.cp import cp_decompose, cp_max_rank, cp_rank_from_fraction, cp_to_tensor
+from .._validation import check_int, check_rank, check_real, check_shape, check_tensor
+from ..decomposition.cp import cp_decompose, cp_max_rank, cp_rank_from_fraction
 from ..decomposition.whitening import DEFAULT_DAMPING, _check_damping, whitened_cp
-from ..functional.cp_linear import cp_linear, cp_linear_flops
+from ..functional.cp_linear import (
+    cp_linear,
+    cp_linear_call,
+    cp_linear_flops,
+    cp_linear_plan,
+    cp_linear_weight,
+)
 from ._base import FactorizedLinear, NotCompressible
 
 if TYPE_CHECKING:
@@ -141,6 +147,8 @@ class CPLinear(FactorizedLinear):
             nn.Parameter(torch.empty(d, self.rank, **factory)) for d in self.out_shape
         )
         self.output_error: float | None = None
+        self._hot_factors: tuple[torch.Tensor, ...] | None = None
+        self._plans: dict = {}  # cp_linear_call's kernel choice per call signature
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -158,14 +166,88 @@ class CPLinear(FactorizedLinear):
     @property
     def weight(self) -> torch.Tensor:
         """Dense ``(out_features, in_features)`` weight (differentiable, allocates it)."""
-        w = cp_to_tensor([*self.out_factors, *self.in_factors])
-        return w.reshape(self.out_features, self.in_features)
+        return cp_linear_weight(list(self.in_factors), list(self.out_factors))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return cp_linear(input, list(self.in_factors), list(self.out_factors), self.bias)
+        # Hot path (the layer's own dicts are read directly: nn.Module.__getattr__ and
+        # ParameterList indexing cost more than a small layer's GEMMs). The factors are
+        # validated when first seen (per call only their identity is compared); the input
+        # once per call signature by cp_linear_call. Anything unusual (autocast, half
+        # precision, torch.func, compilation) takes the full functional path.
+        if torch.compiler.is_compiling():
+            # Dynamo folds the checks into its guards; no per-call cost in the graph.
+            return cp_linear(input, list(self.in_factors), list(self.out_factors), self.bias)
+        modules = self._modules
+        factors = (
+            *modules["in_factors"]._parameters.values(),
+            *modules["out_factors"]._parameters.values(),
+        )
+        bias = self._parameters["bias"]
+        hot = self._hot_factors
+        if (
+            hot is None
+            or len(hot) != len(factors)
+            or any(p is not q for p, q in zip(factors, hot, strict=True))
+        ):
+            hot = self._revalidate(factors)
+        if hot:
+            y = cp_linear_call(input, bias, factors, self.in_shape, self.out_shape, self._plans)
+            if y is not None:
+                return y
+        return cp_linear(input, list(self.in_factors), list(self.out_factors), bias)
+
+    def _revalidate(self, factors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Remember ``factors`` for the hot path if they fit the layer and share one dtype
+        and device (returned); ``()`` otherwise, so that every call takes the functional
+        path, which raises the errors naming the argument."""
+        self._plans = {}
+        n_in = len(self.in_shape)
+        shapes = tuple(tuple(f.shape) for f in factors)
+        expected = tuple((d, self.rank) for d in (*self.in_shape, *self.out_shape))
+        first = factors[0]
+        if (
+            len(factors) != n_in + len(self.out_shape)
+            or shapes != expected
+            or any(
+                not isinstance(f, torch.Tensor)
+                or f.dtype != first.dtype
+                or f.device != first.device
+                for f in factors
+            )
+        ):
+            self._hot_factors = None
+            return ()
+        self._hot_factors = factors
+        return factors
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .double(), .cuda() ...: the cached plans and validation no longer hold.
+        self._hot_factors = None
+        self._plans = {}
+        return super()._apply(fn, recurse)
 
     def factor_parameters(self) -> list[nn.Parameter]:
         return [*self.in_factors, *self.out_factors]
+
+    def dispatch_plan(
+        self, input_shape: Sequence[int], *, requires_grad: bool | None = None
+    ) -> dict[str, Any]:
+        """:func:`kronlayers.functional.cp_linear_plan` for this layer: the path, the kernel,
+        the factorized route and the estimated seconds of each kernel for an input of
+        ``input_shape`` (a symbolic batch size counts as
+        :data:`~kronlayers.functional._dispatch.SYMBOLIC_ROWS` rows)."""
+        requires_grad = self._grad_needed(requires_grad)
+        p = self.in_factors[0]
+        return cp_linear_plan(
+            self.in_shape,
+            self.out_shape,
+            self.rank,
+            input_shape,
+            dtype=p.dtype,
+            device_type=p.device.type,
+            factor_grad=requires_grad,
+            bias=self.bias is not None,
+        )
 
     def flops(self, input_shape: Sequence[int]) -> int:
         return cp_linear_flops(self.in_shape, self.out_shape, self.rank, self._rows(input_shape))
@@ -211,8 +293,13 @@ class CPLinear(FactorizedLinear):
         The new layer has ``linear``'s device and dtype.
         """
         cls._check_dense(linear)
-        # Checked up front: without input_gram it would be accepted and ignored.
+
+        # Checked up front: without input_gram damping and refine_iter would be accepted and
+        # ignored, and a NaN / negative tol would run the ALS without any error.
         _check_damping(damping)
+        n_iter_max = check_int("n_iter_max", n_iter_max, minimum=0)
+        tol = check_real("tol", tol, minimum=0.0)
+        refine_iter = check_int("refine_iter", refine_iter, minimum=0)
         w = linear.weight
         layer = cls(
             linear.in_features,

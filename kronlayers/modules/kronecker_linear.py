@@ -13,6 +13,7 @@ from torch import nn
 from .._shapes import MAX_MODES, balanced_factorization
 from .._validation import check_rank, check_shape
 from ..decomposition.nearest_kronecker import nearest_kronecker
+from ..functional._amp import balance_kron_factors
 from ..functional._dispatch import static_rows
 from ..functional._kron_engine import kron_weight
 from ..functional.kronecker_linear import (
@@ -171,7 +172,14 @@ class KroneckerLinear(FactorizedLinear):
             per_term = _kron_weights(self.in_shape, self.out_shape, 1)
             rank = max(1, math.floor(rank * in_features * out_features / per_term))
         self.rank = rank
-        self.shared_factors = bool(shared_factors)
+        # Strict, unlike bias (which follows nn.Linear's truthiness): no PyTorch precedent,
+        # and shared_factors="no" would silently tie every factor.
+        if not isinstance(shared_factors, bool):
+            raise TypeError(
+                f"shared_factors must be a bool, got {type(shared_factors).__name__} "
+                f"{shared_factors!r}"
+            )
+        self.shared_factors = shared_factors
         pairs = list(zip(self.out_shape, self.in_shape, strict=True))
         if self.shared_factors and len(set(pairs)) != 1:
             raise ValueError(
@@ -222,8 +230,13 @@ class KroneckerLinear(FactorizedLinear):
 
     @property
     def weight(self) -> torch.Tensor:
-        """Dense ``(out_features, in_features)`` weight (differentiable, allocates it)."""
-        return kron_weight(self.factor_tensors())
+        """Dense ``(out_features, in_features)`` weight (differentiable, allocates it).
+
+        In float16 / bfloat16 it is formed from balanced factors (the same weight, see
+        :func:`kronlayers.functional._amp.balance_kron_factors`), so that the partial
+        products of three or more factors do not overflow."""
+        factors = self.factor_tensors()
+        return kron_weight(balance_kron_factors(factors, factors[0].dtype))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -303,7 +316,9 @@ class KroneckerLinear(FactorizedLinear):
         cache = self._weight_cache
         if cache is None or not _same(cache[1], params) or cache[0] != key:
             with torch.no_grad():
-                cache = self._weight_cache = (key, params, kron_weight(factors))
+                # As kronecker_linear_call: balanced in half precision (no autocast here).
+                w = kron_weight(balance_kron_factors(factors, input.dtype))
+                cache = self._weight_cache = (key, params, w)
         return F.linear(input, cache[2], bias)
 
     def _validate(self, params: tuple[torch.Tensor, ...]):
@@ -336,19 +351,6 @@ class KroneckerLinear(FactorizedLinear):
         state["_weight_cache"] = None
         return state
 
-    def dispatch_path(
-        self, input_shape: Sequence[int], *, requires_grad: bool | None = None
-    ) -> str:
-        """The path forward takes on an input of ``input_shape``: ``"factorized"`` (the
-        vec-trick kernels) or ``"dense"`` (form the weight, one GEMM).
-
-        ``requires_grad``: whether the call computes gradients (forward + backward is
-        costed); default: grad mode is on and some parameter requires grad. The choice
-        also honours :func:`kronlayers.functional._dispatch.force_path`. See
-        :meth:`dispatch_plan` for the cost estimates behind it.
-        """
-        return self.dispatch_plan(input_shape, requires_grad=requires_grad)["path"]
-
     def dispatch_plan(
         self, input_shape: Sequence[int], *, requires_grad: bool | None = None
     ) -> dict[str, Any]:
@@ -356,10 +358,7 @@ class KroneckerLinear(FactorizedLinear):
         contraction order, whether a partial product is saved, and the estimated seconds
         of each path for an input of ``input_shape`` (a symbolic batch size counts as
         :data:`~kronlayers.functional._dispatch.SYMBOLIC_ROWS` rows)."""
-        if requires_grad is None:
-            requires_grad = torch.is_grad_enabled() and any(
-                p.requires_grad for p in self.parameters()
-            )
+        requires_grad = self._grad_needed(requires_grad)
         p = self.factors[0]
         return kronecker_linear_plan(
             self.in_shape,

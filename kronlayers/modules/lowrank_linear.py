@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .._validation import check_int, check_rank, check_tensor
+from .._validation import check_int, check_rank, check_shape, check_tensor
 from ..decomposition.cp import cp_rank_from_fraction
 from ..decomposition.whitening import DEFAULT_DAMPING, _check_damping, thin_svd, whitened_low_rank
 from ._base import NotCompressible
@@ -86,11 +86,15 @@ class LowRankLinear(CPLinear):
     ) -> None:
         in_features = check_int("in_features", in_features, minimum=1)
         out_features = check_int("out_features", out_features, minimum=1)
-        for name, shape, n in (
-            ("in_shape", in_shape, in_features),
-            ("out_shape", out_shape, out_features),
+        for name, shape, n, total_name in (
+            ("in_shape", in_shape, in_features, "in_features"),
+            ("out_shape", out_shape, out_features, "out_features"),
         ):
-            if shape is not None and tuple(shape) != (n,):
+            if shape is None:
+                continue
+            # The shape's form first (an int or a list of floats is a TypeError), then the
+            # one value a single-mode layer allows.
+            if check_shape(name, shape, n, total_name) != (n,):
                 raise ValueError(f"{name} must be None or ({n},) for LowRankLinear, got {shape!r}")
         super().__init__(
             in_features,

@@ -12,7 +12,12 @@ from torch import nn
 from .._validation import check_rank, check_tensor
 from ..decomposition.tucker import tucker2_decompose
 from ..decomposition.whitening import DEFAULT_DAMPING, _check_damping, whitened_tucker2
-from ..functional.tucker_conv2d import tucker_conv2d, tucker_conv2d_flops, tucker_conv2d_kernel
+from ..functional.tucker_conv2d import (
+    tucker_conv2d,
+    tucker_conv2d_flops,
+    tucker_conv2d_kernel,
+    tucker_conv2d_plan,
+)
 from ._base import FactorizedConv2d, NotCompressible
 
 __all__ = ["TuckerConv2d"]
@@ -162,6 +167,19 @@ class TuckerConv2d(FactorizedConv2d):
         return tucker_conv2d_flops(
             self.in_channels, self.out_channels, self.kernel_size, self.rank, (h, w), batch,
             self.stride, padding, self.dilation,
+        )  # fmt: skip
+
+    def dispatch_plan(
+        self, input_shape: Sequence[int], *, requires_grad: bool | None = None
+    ) -> dict[str, Any]:
+        """:func:`kronlayers.functional.tucker_conv2d_plan` for this layer: the path and the
+        estimated seconds of each for an input of ``input_shape``."""
+        batch, (h, w), padding = self._kernel_call_geometry(input_shape)
+        return tucker_conv2d_plan(
+            tuple(self.core.shape), self.in_channels, self.out_channels,
+            (batch, self.in_channels, h, w), self.stride, padding, self.dilation,
+            dtype=self.core.dtype, device_type=self.core.device.type,
+            factor_grad=self._grad_needed(requires_grad), bias=self.bias is not None,
         )  # fmt: skip
 
     def rank_label(self) -> str:

@@ -6,8 +6,6 @@ from collections.abc import Sequence
 
 import torch
 
-from .._shapes import LETTERS
-
 __all__ = ["khatri_rao", "khatri_rao_grads"]
 
 
@@ -34,19 +32,28 @@ def khatri_rao_grads(
 ) -> list[torch.Tensor | None]:
     """Gradients of ``<grad, khatri_rao(factors)>`` w.r.t. each factor whose ``needs`` is set.
 
-    ``grad`` is ``(prod d_k, R)``; the result for factor ``k`` is ``(d_k, R)``. The work is
-    parameter-sized (no batch dimension), one einsum per requested factor.
+    ``grad`` is ``(prod d_k, R)``, best contiguous (e.g. ``g.t() @ c`` rather than
+    ``(c.t() @ g).t()``: the rank axis innermost lets every step below run vectorised over
+    ``R``); the result for factor ``k`` is ``(d_k, R)``. The work is parameter-sized (no
+    batch dimension): for each requested factor the other modes are contracted one at a
+    time, largest first (each step shrinks the tensor the most), as a broadcast multiply and
+    a sum (an einsum would batch over ``R`` and run ``R`` tiny products).
     """
     if len(factors) == 1:
         return [grad if needs[0] else None]
-    letters = LETTERS[: len(factors)]
-    g = grad.reshape(*(f.shape[0] for f in factors), grad.shape[1])
+    sizes = [f.shape[0] for f in factors]
+    g = grad.reshape(*sizes, grad.shape[1])
     out: list[torch.Tensor | None] = []
     for k, need in enumerate(needs):
         if not need:
             out.append(None)
             continue
-        others = [j for j in range(len(factors)) if j != k]
-        spec = f"{letters}z," + ",".join(f"{letters[j]}z" for j in others) + f"->{letters[k]}z"
-        out.append(torch.einsum(spec, g, *(factors[j] for j in others)))
+        t, alive = g, list(range(len(factors)))
+        for j in sorted((j for j in alive if j != k), key=lambda j: -sizes[j]):
+            dim = alive.index(j)
+            shape = [1] * t.dim()
+            shape[dim], shape[-1] = sizes[j], factors[j].shape[1]
+            t = (t * factors[j].view(shape)).sum(dim)
+            alive.remove(j)
+        out.append(t)
     return out

@@ -1,0 +1,106 @@
+"""Factorized-or-dense dispatch shared by the convolution kernels (CP and Tucker).
+
+A factorized convolution runs as a chain of cheap convolutions (channel GEMMs and a small
+spatial convolution). When its ranks are high the chain costs more than forming the dense
+``(C_out, C_in, kh, kw)`` kernel and running one ``F.conv2d``; the kernels then take that
+dense path, so a layer is never much slower than the convolution it replaces. Both paths are
+described with the operations of :mod:`kronlayers.functional._dispatch` and compared under
+its cost model, like :func:`kronlayers.functional.kronecker_linear`'s dispatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import (
+    SYMBOLIC_ROWS,
+    Gemm,
+    Node,
+    Op,
+    Pass,
+    estimate,
+    forced_kernel,
+    forced_path,
+)
+
+__all__ = ["DENSE_MARGIN", "choose_conv_path", "conv_batch", "dense_conv", "dense_conv_ops"]
+
+# The dense path must beat the factorized one by this factor to be chosen: near the switch
+# point both cost about the same, and the factorized path keeps activations small.
+DENSE_MARGIN = 0.9
+
+
+def conv_batch(n: object) -> int:
+    """The batch size to plan for: ``n`` when it is a concrete int in eager mode, else
+    :data:`~kronlayers.functional._dispatch.SYMBOLIC_ROWS` (a symbolic batch under export or
+    ``torch.compile(dynamic=True)``; while compiling, so that no guard depends on it)."""
+    if isinstance(n, int) and not torch.compiler.is_compiling():
+        return n
+    return SYMBOLIC_ROWS
+
+
+def dense_conv_ops(
+    n: int,
+    c_in: int,
+    c_out: int,
+    taps: int,
+    pixels_in: int,
+    pixels_out: int,
+    form: Sequence[Op],
+    form_grad: Sequence[Op],
+    needs: tuple[bool, bool, bool],
+) -> list[Op]:
+    """The dense path: form the kernel (``form``), one convolution (a GEMM of
+    ``n * pixels_out`` rows, ``C_out`` columns and ``C_in * taps`` depth, as oneDNN / cuDNN
+    run it), and the backward ``needs = (input, factors, bias)`` implies (``form_grad``:
+    the factors' gradients from the kernel's)."""
+    need_x, need_factors, need_bias = needs
+    k = c_in * taps
+    ops: list[Op] = [*form, Gemm(n * pixels_out, c_out, k)]
+    if need_x:
+        ops.append(Gemm(n * pixels_in, k, c_out))
+    if need_factors:
+        ops += [Gemm(c_out, k, n * pixels_out), *form_grad]
+    if need_bias:
+        ops.append(Pass(n * c_out * pixels_out))
+    if any(needs):
+        ops.append(Node(2 * len(form) + 2))
+    return ops
+
+
+def choose_conv_path(
+    factorized: Sequence[Op],
+    dense: Sequence[Op],
+    itemsize: int,
+    device_type: str,
+    path: str | None,
+) -> str:
+    """``"factorized"`` or ``"dense"``: ``path`` if given (a ``path=`` argument), else the
+    kernel pinned by :func:`~kronlayers.functional._dispatch.force_kernel` (``"function"``
+    and ``"ops"`` mean the factorized kernel here), else the path pinned by
+    :func:`~kronlayers.functional._dispatch.force_path`, else the cheaper under the cost
+    model (the dense one only if clearly cheaper, :data:`DENSE_MARGIN`)."""
+    forced = path or forced_kernel() or forced_path()
+    if forced is not None:
+        return "dense" if forced == "dense" else "factorized"
+    t = estimate({"factorized": factorized, "dense": dense}, itemsize, device_type)
+    return "dense" if t["dense"] < DENSE_MARGIN * t["factorized"] else "factorized"
+
+
+def dense_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+) -> torch.Tensor:
+    """``F.conv2d`` with a resolved ``(top, bottom, left, right)`` padding (an asymmetric one,
+    from ``padding='same'`` with an even kernel, is applied with ``F.pad`` first)."""
+    top, bottom, left, right = padding
+    if top == bottom and left == right:
+        return F.conv2d(x, weight, bias, stride, (top, left), dilation)
+    return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride, 0, dilation)
