@@ -210,9 +210,11 @@ def test_vmap_and_jacrev(spec):
         ("CPLinear", "dense"),
         ("CPConv2d", "function"),
         ("CPConv2d", "dense"),
+        ("TuckerConv2d", "function"),
+        ("TuckerConv2d", "dense"),
     ],
 )
-def test_cp_per_sample_grads_and_hessian_via_jacrev(name, kernel):
+def test_per_sample_grads_and_hessian_via_jacrev(name, kernel):
     spec = next(s for s in SPECS if s.cls_name == name)
     layer = spec.make(dtype=F64)
     params = {k: v.detach() for k, v in layer.named_parameters()}
