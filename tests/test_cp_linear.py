@@ -623,3 +623,17 @@ def test_tltorch_round_trip_on_device(device):
     assert back.in_factors[0].device.type == torch.device(device).type
     x = torch.randn(4, 32, device=device)
     torch.testing.assert_close(back(x), layer(x), **TOL[torch.float32])
+
+
+def test_compress_rank_fraction_is_capped_where_the_layer_would_cost_more_than_dense():
+    # rank=0.5 of a 384 x 1536 layer by the parameter rule would be rank 2458: 8x the dense
+    # FLOPs per row. The fraction is capped at H_in H_out / (H_in + H_out).
+    dense = nn.Linear(384, 1536)
+    config = CPLinear.compress_config(dense, 0.5)
+    assert config["rank"] == 384 * 1536 // (384 + 1536)
+    layer = CPLinear.like(dense, **config)
+    assert layer.flops((64, 384)) <= 1.05 * layer.dense_flops((64, 384))
+    # Low fractions are below the cap and keep the parameter rule.
+    assert CPLinear.compress_config(dense, 0.05)["rank"] == round(0.05 * 384 * 1536 / 120)
+    # An explicit int rank is the user's choice.
+    assert CPLinear.compress_config(dense, 1000)["rank"] == 1000

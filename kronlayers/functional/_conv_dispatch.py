@@ -26,11 +26,36 @@ from ._dispatch import (
     forced_path,
 )
 
-__all__ = ["DENSE_MARGIN", "choose_conv_path", "conv_batch", "dense_conv", "dense_conv_ops"]
+__all__ = [
+    "DENSE_MARGIN",
+    "choose_conv_path",
+    "conv_batch",
+    "conv_call",
+    "dense_conv",
+    "dense_conv_ops",
+    "launches",
+]
 
 # The dense path must beat the factorized one by this factor to be chosen: near the switch
 # point both cost about the same, and the factorized path keeps activations small.
 DENSE_MARGIN = 0.9
+
+
+# A convolution call (oneDNN / cuDNN) has a fixed cost of its own, primitive lookup and
+# layout checks: on the development CPU about 15 small ops' worth (~40-70 us at 1 thread,
+# measured on 16-channel 16x16 inputs); it decides small problems, where a factorized path
+# that runs three or four convolutions loses to one dense one.
+_CONV_LAUNCHES = 15
+
+
+def launches(count: int) -> list[Op]:
+    """``count`` small ops' fixed cost (views, pads, tiny products): no memory traffic."""
+    return [Pass(0)] * count
+
+
+def conv_call() -> list[Op]:
+    """The fixed cost of one convolution call (its arithmetic is modelled as a GEMM)."""
+    return launches(_CONV_LAUNCHES)
 
 
 def conv_batch(n: object) -> int:
@@ -59,7 +84,9 @@ def dense_conv_ops(
     the factors' gradients from the kernel's)."""
     need_x, need_factors, need_bias = needs
     k = c_in * taps
-    ops: list[Op] = [*form, Gemm(n * pixels_out, c_out, k)]
+    ops: list[Op] = [*form, *conv_call(), Gemm(n * pixels_out, c_out, k)]
+    if any(needs):  # one convolution_backward call for every gradient
+        ops += conv_call()
     if need_x:
         ops.append(Gemm(n * pixels_in, k, c_out))
     if need_factors:

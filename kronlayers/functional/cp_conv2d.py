@@ -54,7 +54,14 @@ from ._channels import (
     is_channels_last,
     rank_channels_last,
 )
-from ._conv_dispatch import choose_conv_path, conv_batch, dense_conv, dense_conv_ops
+from ._conv_dispatch import (
+    choose_conv_path,
+    conv_batch,
+    conv_call,
+    dense_conv,
+    dense_conv_ops,
+    launches,
+)
 from ._dispatch import Gemm, Op, Pass, PyFunction, check_path, estimate
 from ._function import split_needs
 
@@ -93,11 +100,12 @@ def cp_conv2d_kernel(
     It is the CP tensor ``(out_1..out_D, in_1..in_D, kh, kw)`` reshaped row-major.
     """
     kh, kw = kernel_factors
-    # Contiguous: einsum may return a permuted layout, and F.conv2d's CPU backward on such a
-    # weight fails ("slow_conv2d: grad_weight must be contiguous", torch 2.13).
-    return torch.einsum(
-        "or,ir,hr,wr->oihw", khatri_rao(out_factors), khatri_rao(in_factors), kh, kw
-    ).contiguous()
+    # One GEMM over the rank, K_out (C_out, R) @ (C_in * kh * kw, R)^T: contiguous, as
+    # F.conv2d's CPU backward needs ("slow_conv2d: grad_weight must be contiguous"), and
+    # several times faster than a four-operand einsum (its path search dominates small sizes).
+    taps = khatri_rao([*in_factors, kh, kw])
+    w = khatri_rao(out_factors) @ taps.t()
+    return w.view(w.shape[0], -1, kh.shape[0], kw.shape[0])
 
 
 def _depthwise_kernel(kh: torch.Tensor, kw: torch.Tensor) -> torch.Tensor:
@@ -515,19 +523,23 @@ def _path_ops(n, c_in, c_out, rank, kernel_size, size, config, needs):
     taps = kernel_size[0] * kernel_size[1]
     need_x, need_factors, need_bias = needs
     # The depthwise convolution is memory-bound: a pass over the rank-R activations.
+    # Forward: the Khatri-Rao products, padding, the depthwise kernel and layout views are
+    # about ten small ops besides the depthwise convolution call.
     fact: list[Op] = [
-        PyFunction(any(needs)),
+        PyFunction(any(needs)), *launches(10), *conv_call(),
         Gemm(n * p_in, rank, c_in), Pass(n * rank * p_in), Gemm(n * p_out, c_out, rank),
     ]  # fmt: skip
     if need_x or need_factors:  # back through the output GEMM and the depthwise stage
         fact += [Gemm(n * p_out, rank, c_out), Pass(n * rank * p_in), Pass(n * rank * p_in)]
+        fact += [*launches(10), *conv_call(), *conv_call()]
     if need_x:
         fact.append(Gemm(n * p_in, c_in, rank))
     if need_factors:  # recompute v; the two channel GEMMs' gradients
         fact += [Pass(n * rank * p_out), Gemm(c_out, rank, n * p_out), Gemm(rank, c_in, n * p_in)]
+        fact += conv_call()
     if need_bias:
         fact.append(Pass(n * c_out * p_out))
-    form = [Gemm(c_out, c_in * taps, rank)]
+    form = [*launches(4), Gemm(c_out, c_in * taps, rank)]
     form_grad = [Gemm(c_out, rank, c_in * taps), Gemm(c_in * taps, rank, c_out)]
     dense = dense_conv_ops(n, c_in, c_out, taps, p_in, p_out, form, form_grad, needs)
     return fact, dense

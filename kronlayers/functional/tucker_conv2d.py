@@ -52,7 +52,14 @@ from ._channels import (
     is_channels_last,
     rank_channels_last,
 )
-from ._conv_dispatch import choose_conv_path, conv_batch, dense_conv, dense_conv_ops
+from ._conv_dispatch import (
+    choose_conv_path,
+    conv_batch,
+    conv_call,
+    dense_conv,
+    dense_conv_ops,
+    launches,
+)
 from ._dispatch import Gemm, Op, Pass, PyFunction, check_path, estimate
 
 __all__ = [
@@ -328,7 +335,11 @@ def tucker_conv2d_kernel(
     _check_factor("in_factor", in_factor, _IN, 2)
     _check_factor("out_factor", out_factor, _OUT, 2)
     _check_ranks(core, in_factor, out_factor)
-    return torch.einsum("ob,bahw,ia->oihw", out_factor, core, in_factor)
+    # Two GEMMs, no einsum path search: out_factor (C_out, R_out) @ core (R_out, R_in*kh*kw),
+    # then in_factor (C_in, R_in) @ each output channel's (R_in, kh*kw) slice.
+    r_out, r_in, kh, kw = core.shape
+    g = (out_factor @ core.reshape(r_out, r_in * kh * kw)).view(-1, r_in, kh * kw)
+    return torch.matmul(in_factor, g).view(-1, in_factor.shape[0], kh, kw)
 
 
 def tucker_conv2d(
@@ -436,7 +447,7 @@ def tucker_conv2d(
         (x.shape[2], x.shape[3]), config, needs,
     )  # fmt: skip
     if choose_conv_path(factorized, dense, x.dtype.itemsize, x.device.type, path) == "dense":
-        weight = tucker_conv2d_kernel(core, in_factor, out_factor).contiguous()
+        weight = tucker_conv2d_kernel(core, in_factor, out_factor)
         y = dense_conv(x, weight, bias, stride, pads, dilation)
     else:
         y, _, _ = apply_autocast(TuckerConv2dFunction, x, bias, config, core, in_factor, out_factor)
@@ -451,12 +462,13 @@ def _path_ops(n, c_in, c_out, core_shape, size, config, needs) -> tuple[list[Op]
     p_in, p_out, taps = size[0] * size[1], h_out * w_out, kh * kw
     need_x, need_factors, need_bias = needs
     fact: list[Op] = [
-        PyFunction(any(needs)),
+        PyFunction(any(needs)), *launches(6), *conv_call(),
         Gemm(n * p_in, r_in, c_in), Gemm(n * p_out, r_out, r_in * taps),
         Gemm(n * p_out, c_out, r_out),
     ]  # fmt: skip
     if need_x or need_factors:  # each stage's input gradient, back to the one needed
         fact += [Gemm(n * p_out, r_out, c_out), Gemm(n * p_in, r_in * taps, r_out)]
+        fact += [*launches(6), *conv_call()]
     if need_x:
         fact.append(Gemm(n * p_in, c_in, r_in))
     if need_factors:  # each stage's weight gradient
@@ -466,7 +478,7 @@ def _path_ops(n, c_in, c_out, core_shape, size, config, needs) -> tuple[list[Op]
         ]  # fmt: skip
     if need_bias:
         fact.append(Pass(n * c_out * p_out))
-    form = [Gemm(c_out, r_in * taps, r_out), Gemm(c_out * taps, c_in, r_in)]
+    form = [*launches(3), Gemm(c_out, r_in * taps, r_out), Gemm(c_out * taps, c_in, r_in)]
     form_grad = [Gemm(c_out * taps, r_in, c_in), Gemm(r_out, r_in * taps, c_out)]
     dense = dense_conv_ops(n, c_in, c_out, taps, p_in, p_out, form, form_grad, needs)
     return fact, dense

@@ -353,15 +353,20 @@ class CPLinear(FactorizedLinear):
         or :class:`NotCompressible` when that needs at least the dense weight count.
 
         A float rank is capped at :func:`kronlayers.decomposition.cp.cp_max_rank` (the
-        product of all modes but the largest: the rank no tensor of that shape exceeds); an
-        int rank above it is :class:`NotCompressible`."""
+        product of all modes but the largest: the rank no tensor of that shape exceeds), and
+        at ``H_in * H_out // (H_in + H_out)``, the rank from which the layer needs more FLOPs
+        per row than the dense one (a CP term holds only ``sum(modes)`` weights but costs
+        ``H_in + H_out`` multiply-adds per row: at ``rank=0.5`` a 384 x 1536 layer would get
+        rank 2458 and run 8x the dense FLOPs, or form its weight at ``R / N`` times the dense
+        cost); an int rank above the first cap is :class:`NotCompressible`."""
         in_shape = balanced_factorization(module.in_features, 2)
         out_shape = balanced_factorization(module.out_features, 2)
         tensor_shape = (*out_shape, *in_shape)
         r = _resolve_rank(rank, tensor_shape)
         cap = cp_max_rank(tensor_shape)
         if isinstance(rank, float):
-            r = min(r, cap)
+            h_in, h_out = module.in_features, module.out_features
+            r = max(1, min(r, cap, h_in * h_out // (h_in + h_out)))
         elif r > cap:
             raise NotCompressible(
                 f"CP rank {r} exceeds {cap}, the largest rank of a {tensor_shape} tensor"
