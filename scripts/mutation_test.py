@@ -70,6 +70,13 @@ _CP_CONV = ("cp_conv2d", "CPConv2d", "cpconv", "balance")
 _KRON = ("kron",)
 _TUCKER = ("tucker", "Tucker")
 _CONVERT = ("from_dense", "from_linear", "from_conv", "compress", "tltorch", "convert")
+# The dispatcher's kernel tests (not its compile / export / cost-model ones, slow or covered by
+# the _dispatch.py selection).
+_KRON_DISPATCH = (
+    "every_kernel", "every_subset", "double_backward", "create_graph", "switch_point", "choice",
+    "symbolic", "force_path", "module_", "vmap", "jacobians", "hot_path", "kron_weight",
+    "single_row", "cache_dense",
+)  # fmt: skip
 
 SELECTIONS: dict[str, list[tuple[str, tuple[str, ...] | None]]] = {
     "functional/cp_linear.py": [
@@ -83,24 +90,46 @@ SELECTIONS: dict[str, list[tuple[str, tuple[str, ...] | None]]] = {
         ("tests/test_layer_contract.py", ("cpconv",)),
     ],
     "functional/kronecker_linear.py": [
+        ("tests/test_kill_kron_engine.py", None),
         ("tests/test_kronecker_linear.py", None),
+        ("tests/test_kron.py", None),
         ("tests/test_reliability.py", _KRON),
         ("tests/test_layer_contract.py", _KRON),
+        ("tests/test_dispatch.py", _KRON_DISPATCH),
     ],
     "functional/_kron_engine.py": [
+        ("tests/test_kill_kron_engine.py", None),
         ("tests/test_kronecker_linear.py", None),
+        ("tests/test_kron.py", None),
         ("tests/test_reliability.py", _KRON),
         ("tests/test_layer_contract.py", _KRON),
+        ("tests/test_dispatch.py", _KRON_DISPATCH),
     ],
     "functional/_dispatch.py": [
+        ("tests/test_kill_dispatch.py", None),
+        ("tests/test_kill_kron_engine.py", ("plan", "ops", "dispatch")),
         ("tests/test_dispatch.py", None),
         ("tests/test_reliability.py", _KRON),
         ("tests/test_kronecker_linear.py", None),
     ],
     "functional/tucker_conv2d.py": [
+        ("tests/test_kill_tucker.py", None),
         ("tests/test_tucker_conv2d.py", None),
         ("tests/test_reliability.py", _TUCKER),
         ("tests/test_layer_contract.py", _TUCKER),
+    ],
+    # the channel GEMMs and the factorized-or-dense choice shared by the convolutions
+    "functional/_channels.py": [
+        ("tests/test_kill_tucker.py", None),
+        ("tests/test_tucker_conv2d.py", None),
+        ("tests/test_cp_conv2d.py", None),
+        ("tests/test_layer_contract.py", ("cpconv", "tucker", "Tucker")),
+    ],
+    "functional/_conv_dispatch.py": [
+        ("tests/test_kill_tucker.py", None),
+        ("tests/test_tucker_conv2d.py", None),
+        ("tests/test_cp_conv2d.py", None),
+        ("tests/test_layer_contract.py", ("cpconv", "tucker", "Tucker")),
     ],
     "*functional-shared*": [  # _amp.py, _function.py, __init__.py
         ("tests/test_layer_contract.py", None),
@@ -108,23 +137,30 @@ SELECTIONS: dict[str, list[tuple[str, tuple[str, ...] | None]]] = {
         ("tests/test_ecosystem.py", ("autocast", "no_grad", "apply", "compile")),
     ],
     "decomposition/cp.py": [
+        ("tests/test_kill_decomposition.py", None),
+        ("tests/test_kill_whitening.py", None),
         ("tests/test_reliability.py", ("cp_decompose", "cp_rank", "solve_normal")),
         ("tests/test_cp_linear.py", _CONVERT),
         ("tests/test_cp_conv2d.py", _CONVERT),
         ("tests/test_layer_contract.py", ("cplinear", "cpconv")),
     ],
     "decomposition/nearest_kronecker.py": [
+        ("tests/test_kill_decomposition.py", None),
+        ("tests/test_kill_whitening.py", None),
         ("tests/test_nearest_kronecker.py", None),
         ("tests/test_reliability.py", ("nearest_kronecker",)),
         ("tests/test_kronecker_linear.py", _CONVERT),
         ("tests/test_layer_contract.py", _KRON),
     ],
     "decomposition/tucker.py": [
+        ("tests/test_kill_decomposition.py", None),
+        ("tests/test_kill_whitening.py", None),
         ("tests/test_reliability.py", ("tucker2",)),
         ("tests/test_tucker_conv2d.py", None),
         ("tests/test_layer_contract.py", _TUCKER),
     ],
     "*decomposition-shared*": [  # whitening.py, __init__.py
+        ("tests/test_kill_whitening.py", None),
         ("tests/test_calibration.py", None),
         ("tests/test_layer_contract.py", _CONVERT),
     ],
