@@ -93,7 +93,9 @@ class Gemm:
 
     ``in_cached``: entries of the inputs that a blocked kernel just produced and still has
     in cache; ``out_cached``: the result is consumed from cache block by block (no trip to
-    memory, no allocation of the whole result).
+    memory, no allocation of the whole result); ``efficiency``: the fraction of the modelled
+    FLOP rate a class of GEMMs measurably reaches where the tile rule does not see why (e.g.
+    a convolution's per-sample channel contractions on NCHW tensors: about half).
     """
 
     m: int
@@ -102,6 +104,7 @@ class Gemm:
     batch: int = 1
     in_cached: int = 0
     out_cached: bool = False
+    efficiency: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,7 @@ class CostModel:
                 # the GEMM micro-kernels under-used: about sqrt(side / 64) of the
                 # large-GEMM rate on the development machine.
                 tile = min(op.m, op.n, op.k)
-                eff = 1.0 if tile >= 64 else max(tile, 1) ** 0.5 / 8.0
+                eff = op.efficiency * (1.0 if tile >= 64 else max(tile, 1) ** 0.5 / 8.0)
                 compute = 2.0 * op.m * op.n * op.k * op.batch / (flops * eff)
                 traffic = self._traffic(moved) + cached / self.cache_bytes_per_s
                 total += (

@@ -88,7 +88,8 @@ class FactorizedLayer(nn.Module):
         (the layer's own kernels) or ``"dense"`` (form the weight, one dense op).
 
         ``requires_grad``: whether the call computes gradients (forward + backward is
-        costed); default: grad mode is on and some parameter requires grad. The choice
+        costed, the input's gradient included, as for a layer inside a network); default:
+        grad mode is on and some parameter requires grad. The choice
         honours :func:`kronlayers.functional._dispatch.force_path` (and ``force_kernel``).
         See :meth:`dispatch_plan` for the cost estimates behind it."""
         return self.dispatch_plan(input_shape, requires_grad=requires_grad)["path"]

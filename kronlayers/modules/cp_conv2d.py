@@ -222,6 +222,7 @@ class CPConv2d(FactorizedConv2d):
             self.in_channels, self.out_channels, self.kernel_size, self.rank,
             (batch, self.in_channels, h, w), self.stride, padding, self.dilation,
             dtype=p.dtype, device_type=p.device.type,
+            input_grad=self._grad_needed(requires_grad),
             factor_grad=self._grad_needed(requires_grad), bias=self.bias is not None,
         )  # fmt: skip
 

@@ -245,6 +245,7 @@ class CPLinear(FactorizedLinear):
             input_shape,
             dtype=p.dtype,
             device_type=p.device.type,
+            input_grad=requires_grad,
             factor_grad=requires_grad,
             bias=self.bias is not None,
         )

@@ -179,6 +179,7 @@ class TuckerConv2d(FactorizedConv2d):
             tuple(self.core.shape), self.in_channels, self.out_channels,
             (batch, self.in_channels, h, w), self.stride, padding, self.dilation,
             dtype=self.core.dtype, device_type=self.core.device.type,
+            input_grad=self._grad_needed(requires_grad),
             factor_grad=self._grad_needed(requires_grad), bias=self.bias is not None,
         )  # fmt: skip
 
