@@ -637,3 +637,52 @@ def test_compress_rank_fraction_is_capped_where_the_layer_would_cost_more_than_d
     assert CPLinear.compress_config(dense, 0.05)["rank"] == round(0.05 * 384 * 1536 / 120)
     # An explicit int rank is the user's choice.
     assert CPLinear.compress_config(dense, 1000)["rank"] == 1000
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_hot_path_never_serves_stale_factors(grad):
+    # The module caches its validation and kernel choice per call signature; every way of
+    # changing the factors must show in the next call (compared with the dense weight).
+    torch.manual_seed(0)
+    layer = CPLinear(12, 10, rank=3, in_shape=(3, 4), out_shape=(2, 5))
+    x = torch.randn(4, 12)
+
+    def check():
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+    check()
+    with torch.no_grad():
+        layer.in_factors[0].mul_(2)  # in place (an optimizer step)
+    check()
+    layer.out_factors[1].data.mul_(-3)  # through .data: no version-counter bump
+    check()
+    layer.out_factors[0] = nn.Parameter(torch.randn(2, 3))  # a new tensor
+    check()
+    layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()})
+    check()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(x).pow(2).sum().backward()
+    opt.step()
+    check()
+    layer.double()
+    x = x.double()
+    check()
+    # A factor of another shape, dtype or device is the functional path's error.
+    layer.in_factors[1] = nn.Parameter(torch.randn(4, 3))  # float32 next to float64
+    with pytest.raises(TypeError, match="in_factors"):
+        layer(x)
+    layer.in_factors[1] = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="in_factors"):
+        layer(x)
+
+
+def test_hot_path_checks_the_input_like_the_functional_form():
+    layer = CPLinear(12, 10, rank=3)
+    layer(torch.randn(2, 12))  # signature seen once
+    with pytest.raises(ValueError, match="12"):
+        layer(torch.randn(2, 11))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.randn(2, 12, dtype=torch.float64))
+    with pytest.raises(TypeError, match="input"):
+        layer([[0.0] * 12])

@@ -889,26 +889,21 @@ def cp_linear_call(
         n_in = len(in_shape)
         return F.linear(input, cp_linear_weight(factors[:n_in], factors[n_in:]), bias)
     if not needs.any and plan.in_khatri_rao and plan.out_khatri_rao:
-        return _inference_khatri_rao(input, bias, factors, len(in_shape), plans)
+        return _inference_khatri_rao(input, bias, factors, len(in_shape))
     if kernel == "ops" or not needs.any:
         return CPLinearFunction.forward(input, bias, plan, *factors)[0]
     return apply_autocast(CPLinearFunction, input, bias, plan, *factors)[0]
 
 
-def _inference_khatri_rao(input, bias, factors, n_in, plans) -> torch.Tensor:
-    # Without gradients the Khatri-Rao products are kept between calls while the factors
-    # are unchanged (same storage, same version counter: an in-place optimizer step bumps
-    # it), which leaves two GEMMs per call: on a small layer the products' half a dozen
-    # ops cost more than the GEMMs.
-    stamp = tuple((f.data_ptr(), f._version) for f in factors)
-    kept = plans.get("khatri_rao")
-    if kept is None or kept[0] != stamp:
-        kept = plans["khatri_rao"] = (
-            stamp, _khatri_rao(factors[:n_in]), _khatri_rao(factors[n_in:]).t()
-        )  # fmt: skip
-    _, k_in, k_out_t = kept
+def _inference_khatri_rao(input, bias, factors, n_in) -> torch.Tensor:
+    # The no-gradient Khatri-Rao route with no Python beyond the ops: on a small layer the
+    # call's fixed costs are most of its time. (The products are rebuilt on every call: a
+    # cache keyed on the factors' version counters would go stale after an in-place write
+    # through ``.data``, which bumps no counter.)
+    k_in = _khatri_rao(factors[:n_in])
     x2 = input.reshape(-1, k_in.shape[0])
     c = x2 @ k_in
+    k_out_t = _khatri_rao(factors[n_in:]).t()
     y = c @ k_out_t if bias is None else torch.addmm(bias, c, k_out_t)
     return y.view(*input.shape[:-1], k_out_t.shape[1])
 
