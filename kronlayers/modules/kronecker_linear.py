@@ -116,7 +116,10 @@ class KroneckerLinear(FactorizedLinear):
             then costs the dense path as one GEMM, so at high rank inference runs at
             ``nn.Linear``'s speed whatever the batch. The price is a dense
             ``(out_features, in_features)`` matrix kept in memory, hence opt-in. Setting it
-            to ``False`` frees the matrix.
+            to ``False`` frees the matrix. A change is seen through the factors' storage and
+            version counters, which an in-place write through ``.data`` (``p.data.mul_()``)
+            does not bump: after such a write set the flag again (or call ``.to()``) to drop
+            the kept weight.
 
     Initialisation: factor entries are drawn i.i.d. from ``U(-b, b)`` with ``b`` chosen so
     that the entries of ``W`` have the variance of :class:`torch.nn.Linear`'s default weights,
