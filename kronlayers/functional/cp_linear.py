@@ -901,11 +901,11 @@ def _inference_khatri_rao(input, bias, factors, n_in) -> torch.Tensor:
     # cache keyed on the factors' version counters would go stale after an in-place write
     # through ``.data``, which bumps no counter.)
     k_in = _khatri_rao(factors[:n_in])
-    x2 = input.reshape(-1, k_in.shape[0])
-    c = x2 @ k_in
+    flat = input.dim() == 2
+    c = (input if flat else input.reshape(-1, k_in.shape[0])) @ k_in
     k_out_t = _khatri_rao(factors[n_in:]).t()
     y = c @ k_out_t if bias is None else torch.addmm(bias, c, k_out_t)
-    return y.view(*input.shape[:-1], k_out_t.shape[1])
+    return y if flat else y.view(*input.shape[:-1], k_out_t.shape[1])
 
 
 _FULL_PRECISION = (torch.float32, torch.float64)

@@ -23,7 +23,8 @@ def khatri_rao(factors: Sequence[torch.Tensor]) -> torch.Tensor:
     # needs; a two-operand einsum would batch over R and leave it permuted.
     out = factors[0]
     for f in factors[1:]:
-        out = (out.unsqueeze(1) * f.unsqueeze(0)).reshape(-1, f.shape[1])
+        # (d, 1, R) * (e, R) broadcasts to (d, e, R), contiguous: a view gives (d e, R).
+        out = (out.unsqueeze(1) * f).view(-1, f.shape[1])
     return out
 
 
