@@ -23,8 +23,9 @@ def khatri_rao(factors: Sequence[torch.Tensor]) -> torch.Tensor:
     # needs; a two-operand einsum would batch over R and leave it permuted.
     out = factors[0]
     for f in factors[1:]:
-        # (d, 1, R) * (e, R) broadcasts to (d, e, R), contiguous: a view gives (d e, R).
-        out = (out.unsqueeze(1) * f).view(-1, f.shape[1])
+        # (d, 1, R) * (e, R) broadcasts to (d, e, R); reshape is a view when the product
+        # came out row-major (it need not for permuted factors).
+        out = (out.unsqueeze(1) * f).reshape(-1, f.shape[1])
     return out
 
 
