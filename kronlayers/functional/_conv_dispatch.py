@@ -10,7 +10,7 @@ its cost model, like :func:`kronlayers.functional.kronecker_linear`'s dispatch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from ._dispatch import (
     Node,
     Op,
     Pass,
+    check_path,
     estimate,
     forced_kernel,
     forced_path,
@@ -31,6 +32,7 @@ __all__ = [
     "choose_conv_path",
     "conv_batch",
     "conv_call",
+    "conv_plan",
     "dense_conv",
     "dense_conv_ops",
     "launches",
@@ -115,6 +117,28 @@ def choose_conv_path(
         return "dense" if forced == "dense" else "factorized"
     t = estimate({"factorized": factorized, "dense": dense}, itemsize, device_type)
     return "dense" if t["dense"] < DENSE_MARGIN * t["factorized"] else "factorized"
+
+
+def conv_plan(
+    path_ops: Callable[[int, tuple[int, int], tuple[bool, bool, bool]], tuple[list, list]],
+    input_shape: Sequence[int],
+    dtype: torch.dtype,
+    device_type: str,
+    needs: tuple[bool, bool, bool],
+    path: str | None,
+) -> dict:
+    """A kernel's ``*_plan`` answer for ``input_shape`` (``(N, C, H, W)`` or ``(C, H, W)``):
+    ``path`` and the estimated ``seconds`` of each, from ``path_ops(n, (H, W), needs)``, the
+    kernel's ``(factorized ops, dense ops)``."""
+    path = check_path(path)
+    shape = tuple(input_shape)
+    n = conv_batch(shape[0]) if len(shape) == 4 else 1
+    needs = (bool(needs[0]), bool(needs[1]), bool(needs[2]))
+    fact, dense = path_ops(n, (shape[-2], shape[-1]), needs)
+    return {
+        "path": choose_conv_path(fact, dense, dtype.itemsize, device_type, path),
+        "seconds": estimate({"factorized": fact, "dense": dense}, dtype.itemsize, device_type),
+    }
 
 
 def dense_conv(

@@ -62,6 +62,7 @@ __all__ = [
     "Pass",
     "PyFunction",
     "calibrate",
+    "call_needs",
     "check_path",
     "choose",
     "cost_model",
@@ -345,6 +346,20 @@ def static_rows(shape: Sequence[object]) -> int | None:
             return None
         rows *= s
     return rows
+
+
+def call_needs(
+    input: torch.Tensor, factors: Sequence[torch.Tensor], bias: torch.Tensor | None
+) -> tuple[bool, bool, bool]:
+    """Which gradients a call computes: ``(input, any factor, bias)`` (all ``False`` with
+    grad mode off); the backward a path is costed for."""
+    if not torch.is_grad_enabled():
+        return (False, False, False)
+    return (
+        input.requires_grad,
+        any(f.requires_grad for f in factors),
+        bias is not None and bias.requires_grad,
+    )
 
 
 def check_path(path: object) -> str | None:

@@ -58,11 +58,12 @@ from ._conv_dispatch import (
     choose_conv_path,
     conv_batch,
     conv_call,
+    conv_plan,
     dense_conv,
     dense_conv_ops,
     launches,
 )
-from ._dispatch import Gemm, Op, Pass, PyFunction, check_path, estimate
+from ._dispatch import Gemm, Op, Pass, PyFunction, call_needs, check_path
 from ._function import split_needs
 
 __all__ = [
@@ -497,12 +498,7 @@ def cp_conv2d(
         [list(in_factors), [kh_factor, kw_factor], list(out_factors)], compute_dtype(input)
     )
     factors = (*in_factors, *out_factors, kh_factor, kw_factor)
-    grad = torch.is_grad_enabled()
-    needs = (
-        grad and x.requires_grad,
-        grad and any(f.requires_grad for f in factors),
-        grad and bias is not None and bias.requires_grad,
-    )
+    needs = call_needs(x, factors, bias)
     factorized, dense = _path_ops(
         conv_batch(x.shape[0]), c_in, c_out, rank, kernel_size, (x.shape[2], x.shape[3]),
         config, needs,
@@ -574,20 +570,15 @@ def cp_conv2d_plan(
     model's estimate of each path, forward plus the backward the gradient flags imply;
     ``factor_grad`` also stands for the bias). A symbolic batch counts as
     :data:`~kronlayers.functional._dispatch.SYMBOLIC_ROWS` samples."""
-    path = check_path(path)
     k = check_pair("kernel_size", kernel_size, 1)
     stride = check_pair("stride", stride, 1)
     dilation = check_pair("dilation", dilation, 1)
     config = CPConv2dConfig(stride, conv2d_padding(padding, k, stride, dilation), dilation, 1)
-    shape = tuple(input_shape)
-    n = conv_batch(shape[0]) if len(shape) == 4 else 1
-    needs = (bool(input_grad), bool(factor_grad), bool(factor_grad and bias))
-    fact, dense = _path_ops(n, in_channels, out_channels, int(rank), k,
-                            (shape[-2], shape[-1]), config, needs)  # fmt: skip
-    return {
-        "path": choose_conv_path(fact, dense, dtype.itemsize, device_type, path),
-        "seconds": estimate({"factorized": fact, "dense": dense}, dtype.itemsize, device_type),
-    }
+    return conv_plan(
+        lambda n, size, needs: _path_ops(n, in_channels, out_channels, int(rank), k, size,
+                                         config, needs),
+        input_shape, dtype, device_type, (input_grad, factor_grad, factor_grad and bias), path,
+    )  # fmt: skip
 
 
 def cp_conv2d_flops(

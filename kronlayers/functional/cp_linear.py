@@ -35,6 +35,7 @@ from ._dispatch import (
     Op,
     Pass,
     PyFunction,
+    call_needs,
     check_path,
     cost_model,
     estimate,
@@ -805,14 +806,7 @@ def cp_linear(
         [list(in_factors), list(out_factors)], compute_dtype(input)
     )
     factors = (*in_factors, *out_factors)
-    if torch.is_grad_enabled():
-        needs = _Needs(
-            input.requires_grad,
-            any(f.requires_grad for f in factors),
-            bias is not None and bias.requires_grad,
-        )
-    else:
-        needs = _NO_NEEDS
+    needs = _Needs(*call_needs(input, factors, bias))
     device_type = input.device.type
     n = input.numel() // prod(in_shape)  # symbolic under torch.export / dynamic compile
     kernel, plan, _ = _choose_kernel(
@@ -827,7 +821,6 @@ def cp_linear(
     return apply_autocast(CPLinearFunction, input, bias, plan, *factors)[0]
 
 
-_NO_NEEDS = _Needs(False, False, False)
 _MAX_PLANS = 256
 
 
@@ -859,14 +852,7 @@ def cp_linear_call(
     ):
         return None
     first = factors[0]
-    if torch.is_grad_enabled():
-        needs = _Needs(
-            input.requires_grad,
-            any(f.requires_grad for f in factors),
-            bias is not None and bias.requires_grad,
-        )
-    else:
-        needs = _NO_NEEDS
+    needs = _Needs(*call_needs(input, factors, bias))
     forced = _forced(None)
     key = (input.shape, input.dtype, input.device, first.dtype, first.device, needs, forced)
     entry = plans.get(key)

@@ -56,11 +56,12 @@ from ._conv_dispatch import (
     choose_conv_path,
     conv_batch,
     conv_call,
+    conv_plan,
     dense_conv,
     dense_conv_ops,
     launches,
 )
-from ._dispatch import Gemm, Op, Pass, PyFunction, check_path, estimate
+from ._dispatch import Gemm, Op, Pass, PyFunction, call_needs, check_path
 
 __all__ = [
     "TuckerConv2dConfig",
@@ -437,11 +438,7 @@ def tucker_conv2d(
 
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    needs = (
-        torch.is_grad_enabled() and x.requires_grad,
-        torch.is_grad_enabled() and any(t.requires_grad for t in (core, in_factor, out_factor)),
-        torch.is_grad_enabled() and bias is not None and bias.requires_grad,
-    )
+    needs = call_needs(x, (core, in_factor, out_factor), bias)
     factorized, dense = _path_ops(
         conv_batch(x.shape[0]), in_factor.shape[0], out_factor.shape[0], core.shape,
         (x.shape[2], x.shape[3]), config, needs,
@@ -505,21 +502,16 @@ def tucker_conv2d_plan(
     model's estimate of each path, forward plus the backward the gradient flags imply;
     ``factor_grad`` also stands for the bias). A symbolic batch counts as
     :data:`~kronlayers.functional._dispatch.SYMBOLIC_ROWS` samples."""
-    path = check_path(path)
-    r_out, r_in, kh, kw = (int(v) for v in core_shape)
+    core_shape = tuple(int(v) for v in core_shape)
     stride = check_pair("stride", stride, 1)
     dilation = check_pair("dilation", dilation, 1)
-    pads = conv2d_padding(padding, (kh, kw), stride, dilation)
+    pads = conv2d_padding(padding, core_shape[2:], stride, dilation)
     config = TuckerConv2dConfig(stride=stride, padding=pads, dilation=dilation)
-    shape = tuple(input_shape)
-    n = conv_batch(shape[0]) if len(shape) == 4 else 1
-    needs = (bool(input_grad), bool(factor_grad), bool(factor_grad and bias))
-    fact, dense = _path_ops(n, in_channels, out_channels, (r_out, r_in, kh, kw),
-                            (shape[-2], shape[-1]), config, needs)  # fmt: skip
-    return {
-        "path": choose_conv_path(fact, dense, dtype.itemsize, device_type, path),
-        "seconds": estimate({"factorized": fact, "dense": dense}, dtype.itemsize, device_type),
-    }
+    return conv_plan(
+        lambda n, size, needs: _path_ops(n, in_channels, out_channels, core_shape, size,
+                                         config, needs),
+        input_shape, dtype, device_type, (input_grad, factor_grad, factor_grad and bias), path,
+    )  # fmt: skip
 
 
 def tucker_conv2d_flops(
