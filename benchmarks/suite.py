@@ -457,7 +457,14 @@ def _save(fig, path: Path) -> Path:
 # ----------------------------------------------------------------------------- main
 
 
-def run(device: str, quick: bool, memory: bool, plots: bool, out_dir: Path = RESULTS) -> Path:
+def run(
+    device: str,
+    quick: bool,
+    memory: bool,
+    plots: bool,
+    out_dir: Path = RESULTS,
+    command: str | None = None,
+) -> Path:
     rounds, min_run = (2, 0.01) if quick else (3, 0.05)
     if device.startswith("cuda"):
         min_run /= 2  # GPU calls are short; 25 ms of repeats per sample is plenty
@@ -576,7 +583,11 @@ def run(device: str, quick: bool, memory: bool, plots: bool, out_dir: Path = RES
             sections.append(f"## {title}\n\n" + markdown_table(sel, cols))
     figs = plot(rows, name, out_dir) if plots else []
     header = "\n".join(f"- {k}: {v}" for k, v in env.items())
-    cmd = "python -m benchmarks" + (f" --device {device}" if device != "cpu" else "")
+    cmd = (
+        " ".join(["python -m benchmarks", *sys.argv[1:]])
+        if sys.argv[1:]
+        else ("python -m benchmarks" + (f" --device {device}" if device != "cpu" else ""))
+    )
     cmd += " --quick" if quick else ""
     body = (
         f"# kronlayers benchmark suite ({tag})\n\nCommand: `{cmd}`\n\n{header}\n\n"
@@ -613,7 +624,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda given but CUDA is not available")
-    md = run(args.device, args.quick, not args.no_memory, not args.no_plots, args.out_dir)
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join(["python -m benchmarks", *given])
+    md = run(args.device, args.quick, not args.no_memory, not args.no_plots, args.out_dir, command)
     print(md.read_text())
     print(f"wrote {md}")
     return 0
