@@ -374,6 +374,8 @@ EQUIVALENT: dict[str, str] = {
     "96990b7b": "`alloc_bytes_per_s <= 0` -> `<= 1`: a rate in bytes per second; (0, 1] B/s is "
     "no model of any device (the defaults are 0 and 4e9), and for every rate >= 1 B/s or "
     "equal to 0 both tests agree.",
+    "e0d2eca5": "`tile >= 64` -> `>= 65` in the GEMM rate: the two branches agree at 64 "
+    "(`sqrt(64) / 8 = 1`), the only tile size the change moves.",
     "52ed23e7": "`_best_time(repeat=9)` -> 10: how often `calibrate` repeats a timing only "
     "changes the noise of the measured minimum (tests replace the timer, and pass `repeat` "
     "explicitly where they check it).",

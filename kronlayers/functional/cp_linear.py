@@ -9,7 +9,8 @@ with input factors ``A_q`` of shape ``(in_q, R)`` and output factors ``B_p`` of 
 ``(out_p, R)``. Equivalently ``W = K_out K_in^T`` where ``K_in = A_1 ⊙ ... ⊙ A_Q`` is the
 ``(H_in, R)`` Khatri-Rao product (row-major, ``A_1`` slowest) and ``K_out`` likewise, so
 ``x W^T = (x K_in) K_out^T``: an ``(N, R)`` core in between, about ``N * R * (H_in + H_out)``
-multiply-adds instead of ``N * H_in * H_out``. ``W`` is never formed.
+multiply-adds instead of ``N * H_in * H_out``, ``W`` never formed; the dispatcher forms it
+(one GEMM over the rank) only where that is faster (see :func:`cp_linear`).
 """
 
 from __future__ import annotations

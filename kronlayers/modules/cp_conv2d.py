@@ -41,9 +41,10 @@ class CPConv2d(FactorizedConv2d):
     With ``in_shape=(i_1, ..., i_D)`` / ``out_shape=(o_1, ..., o_E)`` the channels are
     tensorized: the CP tensor is ``(o_1..o_E, i_1..i_D, kh, kw)`` (one factor per mode) reshaped
     row-major to ``(C_out, C_in, kh, kw)``, so ``in`` above is the Khatri-Rao product of the
-    input-channel factors. The kernel is never formed in ``forward``: see
-    :func:`kronlayers.functional.cp_conv2d` (channel GEMM to ``R``, a rank-one depthwise
-    ``kh x kw`` convolution, channel GEMM to ``C_out``; hand-written backward).
+    input-channel factors. ``forward`` runs :func:`kronlayers.functional.cp_conv2d` (channel
+    GEMM to ``R``, a rank-one depthwise ``kh x kw`` convolution, channel GEMM to ``C_out``;
+    hand-written backward), or forms the kernel and runs one ``F.conv2d`` where the
+    dispatcher finds that faster (high ranks, tiny inputs; see :meth:`dispatch_plan`).
 
     The math matches ``tltorch.FactorizedConv(..., factorization='cp')`` (whose CP weights
     vector is absorbed into the output-channel factor here); see :meth:`from_tltorch` and
@@ -87,7 +88,7 @@ class CPConv2d(FactorizedConv2d):
         bias (Parameter or None): ``(C_out,)``.
         rank (int): ``R``.
         weight (Tensor): the dense ``(C_out, C_in, kh, kw)`` kernel, formed on access
-            (differentiable, for inspection or export; ``forward`` never forms it).
+            (differentiable, for inspection or export).
         reconstruction_error (float or None): for a layer made by :meth:`from_conv`,
             ``||W_conv - W_cp||_F / ||W_conv||_F`` of the decomposition; ``None`` otherwise. A plain
             attribute, not part of the ``state_dict``.

@@ -57,8 +57,9 @@ class CPLinear(FactorizedLinear):
     the same convention as TensorLy-Torch's ``FactorizedLinear(factorization='cp')`` (whose
     ``tensorized_shape`` is ``(out_shape, in_shape)``, out first, while its constructor takes
     the in shape first). The layer holds ``R * (sum in_q + sum out_p)`` weight parameters
-    instead of ``in_features * out_features`` and never forms ``W`` in ``forward`` (see
-    :func:`kronlayers.functional.cp_linear`).
+    instead of ``in_features * out_features``; ``forward`` forms ``W`` only where the
+    dispatcher finds that faster (ranks so high that the factorized kernels cost more than
+    the dense layer; see :func:`kronlayers.functional.cp_linear` and :meth:`dispatch_plan`).
 
     Args:
         in_features: size of each input sample.

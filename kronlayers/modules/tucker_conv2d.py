@@ -65,7 +65,8 @@ class TuckerConv2d(FactorizedConv2d):
     .. math::
         W[o, i, h, w] = \sum_{b, a} U_{out}[o, b]\, G[b, a, h, w]\, U_{in}[i, a]
 
-    Applied without forming ``W`` (Kim et al. 2016; TensorLy-Torch's Tucker
+    Applied without forming ``W`` unless the dispatcher finds the dense convolution faster
+    (high ranks; see :meth:`dispatch_plan`) (Kim et al. 2016; TensorLy-Torch's Tucker
     ``FactorizedConv``): a 1x1 convolution ``C_in -> R_in``, the dense ``kh x kw`` core
     convolution ``R_in -> R_out`` with the layer's stride, padding and dilation, and a 1x1
     convolution ``R_out -> C_out`` plus the bias, with hand-written forward and backward
