@@ -342,12 +342,20 @@ def test_export_with_a_dynamic_batch(strict):
             torch.testing.assert_close(ep.module()(x), layer(x), rtol=1e-4, atol=1e-4)
 
 
-def test_compile_with_a_dynamic_batch_recompiles_across_the_switch():
+def test_compile_with_a_dynamic_batch_is_one_graph_across_the_switch():
+    # Eager calls switch path between 2 and 3000 rows; a compiled graph is planned for
+    # SYMBOLIC_ROWS and serves every batch size without recompiling.
+    import torch._dynamo
+
     layer = _layers()[1]
+    assert layer.dispatch_path((2, 384)) != layer.dispatch_path((3000, 384))
+    torch._dynamo.reset()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=True)
-    for rows in (1, 2, 3000):
-        x = torch.randn(rows, 384)
-        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-4, atol=1e-4)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows in (2, 3, 3000):
+            x = torch.randn(rows, 384)
+            torch.testing.assert_close(compiled(x), layer(x), rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("path", ["factorized", "dense"])

@@ -409,13 +409,13 @@ def kronecker_linear_call(
         needs = _NO_NEEDS[len(factors)]
     forced = path if path is not None else forced_path()
     if torch.compiler.is_compiling():
-        # Exported programs run at batch sizes other than the example's, and a decision on
-        # a symbolic batch would be a guard (an export constraint violation): plan for
-        # SYMBOLIC_ROWS. (Under Dynamo a symbolic size passes for an int, so static_rows
-        # cannot tell; under torch.compile the comparison becomes a guard, and a batch on
-        # the other side of the switch point recompiles.) The plan is plain Python on
-        # static sizes, which Dynamo folds (a cache lookup would graph-break).
-        rows = None if torch.compiler.is_exporting() else static_rows(input.shape)
+        # Compiled and exported graphs run at batch sizes other than the example's, and a
+        # decision on a symbolic batch would be a guard (a recompilation at every switch
+        # point, or an export constraint violation); under Dynamo a symbolic size passes for
+        # an int, so static_rows cannot tell. So plan for SYMBOLIC_ROWS, as every layer
+        # does while compiling: one graph for every batch size. The plan is plain Python
+        # on static sizes, which Dynamo folds (a cache lookup would graph-break).
+        rows = None
         chosen, fconfig = _plan(
             config, rows, input.dtype.itemsize, device_type, needs, bias is not None, forced
         )
