@@ -163,8 +163,15 @@ def _concrete_rows(n: object) -> int:
     return SYMBOLIC_ROWS
 
 
-@lru_cache(maxsize=1024)
-def _make_plan(in_shape, out_shape, rank, n, strategy, itemsize, device_type, generation):
+def _make_plan(*key) -> CPLinearPlan:
+    # Plans are pure functions of hashable sizes: cached in eager mode. While compiling, the
+    # plain function (Dynamo would bypass the cache anyway, with a warning).
+    if torch.compiler.is_compiling():
+        return _plan_routes(*key)
+    return _plan_routes_cached(*key)
+
+
+def _plan_routes(in_shape, out_shape, rank, n, strategy, itemsize, device_type, generation):
     in_order = _modewise_in(in_shape, n, rank)[0]
     out_order = _modewise_out(out_shape, n, rank)[0]
     if strategy == "auto":
@@ -183,6 +190,9 @@ def _make_plan(in_shape, out_shape, rank, n, strategy, itemsize, device_type, ge
     else:
         in_kr = out_kr = strategy == "khatri_rao"
     return CPLinearPlan(in_shape, out_shape, rank, in_kr, in_order, out_kr, out_order)
+
+
+_plan_routes_cached = lru_cache(maxsize=1024)(_plan_routes)
 
 
 # --- Cost model of each kernel (see kronlayers.functional._dispatch) ----------------------
@@ -340,8 +350,15 @@ def _kernel_ops(plan: CPLinearPlan, n: int, needs: _Needs, bias: bool) -> dict[s
     }
 
 
-@lru_cache(maxsize=4096)
-def _choose_kernel(
+def _choose_kernel(*key) -> tuple[str, CPLinearPlan, dict[str, float]]:
+    """``(kernel, plan, estimated seconds per kernel)`` for a call signature (cached in eager
+    mode, see :func:`_make_plan`)."""
+    if torch.compiler.is_compiling():
+        return _choose(*key)
+    return _choose_cached(*key)
+
+
+def _choose(
     in_shape, out_shape, rank, rows, strategy, itemsize, device_type, needs, bias, forced,
     generation,
 ) -> tuple[str, CPLinearPlan, dict[str, float]]:  # fmt: skip
@@ -358,6 +375,9 @@ def _choose_kernel(
     if forced == "dense" or (dense_allowed and times["dense"] < DENSE_MARGIN * times[kernel]):
         kernel = "dense"
     return kernel, plan, times
+
+
+_choose_cached = lru_cache(maxsize=4096)(_choose)
 
 
 def _forced(path: str | None) -> str | None:
