@@ -33,6 +33,7 @@ Usage (defaults: 2 workers, a seeded sample of 200 mutants, at most 20 minutes):
     python scripts/mutation_test.py --all                # every mutant (hours)
     python scripts/mutation_test.py --list               # count the mutants per file
     python scripts/mutation_test.py --files functional/cp_linear.py --sample 0
+    python scripts/mutation_test.py --explain scripts/results/mutation.md  # re-read EQUIVALENT
 
 Survivors that are equivalent mutants are explained in :data:`EQUIVALENT` (keyed by the
 mutant's stable id); the report lists each survivor with its explanation, or flags it.
@@ -80,11 +81,14 @@ _KRON_DISPATCH = (
 
 SELECTIONS: dict[str, list[tuple[str, tuple[str, ...] | None]]] = {
     "functional/cp_linear.py": [
+        ("tests/test_kill_cp_dispatch.py", None),
         ("tests/test_cp_linear.py", None),
         ("tests/test_reliability.py", _CP_LIN),
         ("tests/test_layer_contract.py", ("cplinear", "lowrank")),
     ],
     "functional/cp_conv2d.py": [
+        ("tests/test_kill_cp_dispatch.py", None),
+        ("tests/test_conv_dispatch.py", None),
         ("tests/test_cp_conv2d.py", None),
         ("tests/test_reliability.py", _CP_CONV),
         ("tests/test_layer_contract.py", ("cpconv",)),
@@ -114,6 +118,7 @@ SELECTIONS: dict[str, list[tuple[str, tuple[str, ...] | None]]] = {
     ],
     "functional/tucker_conv2d.py": [
         ("tests/test_kill_tucker.py", None),
+        ("tests/test_conv_dispatch.py", None),
         ("tests/test_tucker_conv2d.py", None),
         ("tests/test_reliability.py", _TUCKER),
         ("tests/test_layer_contract.py", _TUCKER),
@@ -127,11 +132,18 @@ SELECTIONS: dict[str, list[tuple[str, tuple[str, ...] | None]]] = {
     ],
     "functional/_conv_dispatch.py": [
         ("tests/test_kill_tucker.py", None),
+        ("tests/test_conv_dispatch.py", None),
         ("tests/test_tucker_conv2d.py", None),
         ("tests/test_cp_conv2d.py", None),
         ("tests/test_layer_contract.py", ("cpconv", "tucker", "Tucker")),
     ],
-    "*functional-shared*": [  # _amp.py, _function.py, __init__.py
+    # split_needs: which gradient each kernel computes (every subset of trainable tensors)
+    "functional/_function.py": [
+        ("tests/test_kill_kron_engine.py", ("declare", "subset", "frozen")),
+        ("tests/test_kronecker_linear.py", None),
+        ("tests/test_layer_contract.py", None),
+    ],
+    "*functional-shared*": [  # _amp.py, __init__.py
         ("tests/test_layer_contract.py", None),
         ("tests/test_reliability.py", ("half", "balance", "bit_identical", "autocast", "meta")),
         ("tests/test_ecosystem.py", ("autocast", "no_grad", "apply", "compile")),
@@ -188,6 +200,9 @@ def selection_for(rel: str) -> list[tuple[str, tuple[str, ...] | None]]:
 
 # Keys: the 8-hex id shown in the report (sha1 of the stable key) or the key itself.
 EQUIVALENT: dict[str, str] = {
+    "3dedeaa5": "`zip(balanced, factors, strict=True)` -> `strict=False` in "
+    "`balance_kron_factors`: `balance_cp_stages` returns one stage per stage given, so the "
+    "lengths are equal by construction.",
     # functional/cp_linear.py
     "87dcf3f3": "`lru_cache(maxsize=256)` -> 257: only the plan cache's capacity changes; plans "
     "are pure functions of their arguments, so results are identical.",
@@ -364,6 +379,14 @@ EQUIVALENT: dict[str, str] = {
     "4a698286": "`ctx.has_bias and need_bias` -> `or`: `needs_input_grad` is False for a `None` "
     "bias, so the change only computes a gradient for a frozen bias, which autograd discards "
     "(as `110b5062` in cp_linear).",
+    "3e33c47d": "`not is_compiling()` -> `is_compiling()` in `plain_grad`: eager calls then "
+    "skip the hook that makes an expanded output gradient (of `y.sum()`) contiguous; "
+    "`kron2_backward` makes it contiguous itself (`g.contiguous()`), so the same GEMMs run "
+    "on the same values (the hook is a documented speed fix: one copy instead of one per "
+    "batched product); under compile the hook is not wanted either way.",
+    "d78f3572": "`_NO_NEEDS`: `(False,) * (d + 2)` -> `(d + 3)`: the no-gradient flags get one "
+    "more `False`; every reader unpacks `(input, bias, *factors)` and asks whether any flag "
+    "is set (none is), so plans and kernels are unchanged.",
     "58a15fc7": "`len(plans) >= _MAX_PLANS` -> `>`: the per-module plan cache holds 257 "
     "entries instead of 256 before it is cleared; plans are pure functions of their key.",
     "7da57f38": "`entry[0] != plan_generation()` -> `==`: an entry of the current generation is "
@@ -376,6 +399,10 @@ EQUIVALENT: dict[str, str] = {
     "equal to 0 both tests agree.",
     "e0d2eca5": "`tile >= 64` -> `>= 65` in the GEMM rate: the two branches agree at 64 "
     "(`sqrt(64) / 8 = 1`), the only tile size the change moves.",
+    "3c960814": "`calibrate` times `mm(a, b)` -> `mm(b, a)`: two random `n x n` operands, the "
+    "same GEMM cost; the product itself is discarded.",
+    "c7cdf309": "`calibrate`'s node probe `leaf.mul(2)` -> `mul(3)`: the factor of the timed "
+    "op does not change its cost (one built-in node over four entries either way).",
     "52ed23e7": "`_best_time(repeat=9)` -> 10: how often `calibrate` repeats a timing only "
     "changes the noise of the measured minimum (tests replace the timer, and pass `repeat` "
     "explicitly where they check it).",
@@ -914,6 +941,40 @@ def write_report(path: Path, outcomes: list[Outcome], info: dict) -> None:
     path.write_text("\n".join(lines).replace("\\|", "|") + "\n")
 
 
+def refresh_explanations(path: Path) -> int:
+    """Rewrite the "why it survives" column of a report's survivors from :data:`EQUIVALENT`
+    (by id) and the score counting the equivalent survivors out; the outcomes are not
+    rerun, so the report stays the record of the run it states."""
+    lines = path.read_text().split("\n")
+    row = re.compile(r"^\| `([0-9a-f]{8})` \| (.*) \| (.*) \| (.*) \|$")
+    n_eq = 0
+    for i, line in enumerate(lines):
+        m = row.match(line)
+        if m:
+            why = EQUIVALENT.get(m.group(1)) or "**NOT EXPLAINED: needs a test or an argument**"
+            n_eq += m.group(1) in EQUIVALENT
+            lines[i] = f"| `{m.group(1)}` | {m.group(2)} | {m.group(3)} | {why} |"
+    score = re.compile(r"^\*\*Score: (\d+) / (\d+) killed = ([0-9.]+)%\*\*; counting the .*$")
+    for i, line in enumerate(lines):
+        m = score.match(line)
+        if m:
+            killed, scored = int(m.group(1)), int(m.group(2))
+            lines[i] = (
+                f"**Score: {killed} / {scored} killed = {m.group(3)}%**; counting the {n_eq} "
+                "equivalent survivors out (they cannot be killed): "
+                f"**{100.0 * killed / max(scored - n_eq, 1):.1f}%**."
+            )
+            lines.insert(
+                i + 1,
+                f"\nSurvivors' explanations refreshed from `EQUIVALENT` on "
+                f"{time.strftime('%Y-%m-%d %H:%M')} (`--explain`; outcomes not rerun).",
+            )
+            break
+    path.write_text("\n".join(lines))
+    print(f"{n_eq} equivalent survivors explained; wrote {path}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
@@ -952,7 +1013,15 @@ def main() -> int:
     ap.add_argument("--show", help="print the mutants whose id contains this text")
     ap.add_argument("--only", nargs="*", help="run just these mutants (8-hex ids)")
     ap.add_argument("--out", type=Path, default=ROOT / "scripts" / "results" / "mutation.md")
+    ap.add_argument(
+        "--explain",
+        type=Path,
+        help="only refresh the survivors' explanations (and the equivalent-excluded score) of "
+        "an existing report from the current EQUIVALENT table; nothing is rerun",
+    )
     args = ap.parse_args()
+    if args.explain:
+        return refresh_explanations(args.explain)
 
     rels = target_files(ROOT, args.files)
     by_file = {rel: mutants_of(ROOT, rel) for rel in rels}
