@@ -200,6 +200,11 @@ def selection_for(rel: str) -> list[tuple[str, tuple[str, ...] | None]]:
 
 # Keys: the 8-hex id shown in the report (sha1 of the stable key) or the key itself.
 EQUIVALENT: dict[str, str] = {
+    "401e3730": "`size * rank // shape[j]` -> `/` in `_kr_adjoint`: `size` is a product that "
+    "includes `shape[j]`, so the division is exact and `/` gives the same value (as a float; "
+    "the cost model computes in floats).",
+    "4f85fc68": "`n * h // shape[last]` -> `/` in `_output_side`: `h` is the product of the "
+    "modes, `shape[last]` among them, so the division is exact: the same value as a float.",
     "3dedeaa5": "`zip(balanced, factors, strict=True)` -> `strict=False` in "
     "`balance_kron_factors`: `balance_cp_stages` returns one stage per stage given, so the "
     "lengths are equal by construction.",
