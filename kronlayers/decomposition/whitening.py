@@ -131,7 +131,9 @@ def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     """``(U, S, Vh)`` of a float64 matrix from the eigendecomposition of its smaller Gram
     (several times faster than LAPACK's SVD on CPU; singular values below about
     ``1e-8 s_max`` lose their relative accuracy, which truncation does not need). ``S`` is
-    descending; columns of ``U`` (rows of ``Vh``) for zero singular values are zero."""
+    descending. For zero singular values the side computed from the other (``U`` when
+    ``m`` is tall or square, else ``Vh``) has zero columns (rows); the side from the
+    eigendecomposition stays orthonormal."""
     p, q = m.shape
     tiny = torch.finfo(F64).tiny
     if p >= q:
