@@ -686,3 +686,22 @@ def test_hot_path_checks_the_input_like_the_functional_form():
         layer(torch.randn(2, 12, dtype=torch.float64))
     with pytest.raises(TypeError, match="input"):
         layer([[0.0] * 12])
+
+
+def test_fit_cp_recovers_an_exact_cp_weight_data_free_and_calibrated():
+    from kronlayers.decomposition.whitening import check_cp_fit_options, fit_cp
+
+    torch.manual_seed(0)
+    a, b = make_factors((3, 4), (2, 5), 2)
+    w = dense(a, b).detach()  # (10, 12), exactly rank 2 as (2, 5, 3, 4)
+    opts = dict(damping=1e-6, n_iter_max=200, tol=1e-12, refine_iter=5, init=None)
+    for gram in (None, torch.eye(12, dtype=F64)):
+        factors, err = fit_cp(w, (2, 5), (3, 4), 2, input_gram=gram, **opts)
+        assert [tuple(f.shape) for f in factors] == [(2, 2), (5, 2), (3, 2), (4, 2)]
+        torch.testing.assert_close(dense(factors[2:], factors[:2]), w, rtol=1e-6, atol=1e-8)
+        assert (err is None) == (gram is None)
+    assert check_cp_fit_options(0.1, 3, 1e-4, 2) == (0.1, 3, 1e-4, 2)
+    with pytest.raises(ValueError, match="tol"):
+        check_cp_fit_options(0.1, 3, float("nan"), 2)
+    with pytest.raises(TypeError, match="n_iter_max"):
+        check_cp_fit_options(0.1, 3.5, 1e-4, 2)

@@ -43,13 +43,15 @@ import torch
 
 from .._validation import check_int, check_real, check_tensor
 from ..ops.khatri_rao import khatri_rao
-from .cp import balance_cp_factors, cp_als, mttkrp_within, solve_normal
+from .cp import balance_cp_factors, cp_als, cp_decompose, mttkrp_within, solve_normal
 from .nearest_kronecker import nearest_kronecker
 
 __all__ = [
     "DEFAULT_DAMPING",
     "WhitenedSVD",
+    "check_cp_fit_options",
     "damped_cholesky",
+    "fit_cp",
     "mode_grams",
     "output_error",
     "whitened_cp",
@@ -404,6 +406,68 @@ def _spd_solve(h: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- CP
+
+
+def check_cp_fit_options(
+    damping: object, n_iter_max: object, tol: object, refine_iter: object
+) -> tuple[float, int, float, int]:
+    """The options of :func:`fit_cp`, checked (``TypeError`` / ``ValueError`` naming each).
+
+    The converters check them up front: without an input Gram ``damping`` and
+    ``refine_iter`` would be accepted and ignored, and a NaN or negative ``tol`` would run
+    the ALS without any error."""
+    return (
+        _check_damping(damping),
+        check_int("n_iter_max", n_iter_max, minimum=0),
+        check_real("tol", tol, minimum=0.0),
+        check_int("refine_iter", refine_iter, minimum=0),
+    )
+
+
+def fit_cp(
+    weight: torch.Tensor,
+    out_shape: Sequence[int],
+    in_shape: Sequence[int],
+    rank: int,
+    *,
+    input_gram: torch.Tensor | None,
+    damping: float,
+    n_iter_max: int,
+    tol: float,
+    refine_iter: int,
+    init: Sequence[torch.Tensor] | None,
+) -> tuple[list[torch.Tensor], float | None]:
+    """CP factors of a layer's ``(H_out, H_in)`` weight matrix viewed as the tensor
+    ``(*out_shape, *in_shape)``, and the relative output error on the calibration data.
+
+    Data-free (``input_gram=None``): :func:`kronlayers.decomposition.cp_decompose` of the
+    tensor (initialised by ``init``, else HOSVD), minimising ``||W - Ŵ||_F``; the error is
+    ``None``. Calibrated: :func:`whitened_cp` with the ``(H_in, H_in)`` Gram, minimising the
+    output error. The factors come out modes first (``out_shape``, then ``in_shape``), each
+    ``(d_k, rank)``; ``weight`` is not differentiated."""
+    weight = weight.detach()
+    if input_gram is not None:
+        check_tensor("input_gram", input_gram)
+        return whitened_cp(
+            weight.reshape(weight.shape[0], -1),
+            input_gram.to(weight.device),
+            out_shape,
+            in_shape,
+            rank,
+            damping=damping,
+            n_iter_max=n_iter_max,
+            tol=tol,
+            refine_iter=refine_iter,
+            init=init,
+        )
+    factors, _ = cp_decompose(
+        weight.reshape(*out_shape, *in_shape),
+        rank,
+        n_iter_max=n_iter_max,
+        tol=tol,
+        init="svd" if init is None else init,
+    )
+    return list(factors), None
 
 
 def whitened_cp(

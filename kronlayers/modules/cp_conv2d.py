@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from .._shapes import prod
-from .._validation import check_int, check_rank, check_real, check_shape, check_tensor
-from ..decomposition.cp import cp_decompose, cp_max_rank, cp_rank_from_fraction
-from ..decomposition.whitening import DEFAULT_DAMPING, _check_damping, whitened_cp
+from .._validation import check_rank, check_shape
+from ..decomposition.cp import cp_max_rank, cp_rank_from_fraction
+from ..decomposition.whitening import DEFAULT_DAMPING, check_cp_fit_options, fit_cp
 from ..functional.cp_conv2d import cp_conv2d, cp_conv2d_flops, cp_conv2d_kernel, cp_conv2d_plan
 from ._base import FactorizedConv2d, NotCompressible
 
@@ -273,38 +273,16 @@ class CPConv2d(FactorizedConv2d):
         calibrated, ``output_error`` the relative output error on the calibration data.
         """
         cls._check_dense(conv)
-
-        # Checked up front: without input_gram damping and refine_iter would be accepted and
-        # ignored, and a NaN / negative tol would run the ALS without any error.
-        _check_damping(damping)
-        n_iter_max = check_int("n_iter_max", n_iter_max, minimum=0)
-        tol = check_real("tol", tol, minimum=0.0)
-        refine_iter = check_int("refine_iter", refine_iter, minimum=0)
+        damping, n_iter_max, tol, refine_iter = check_cp_fit_options(
+            damping, n_iter_max, tol, refine_iter
+        )
         weight = conv.weight
         layer = cls.like(conv, rank=rank, in_shape=in_shape, out_shape=out_shape)
-        if input_gram is not None:
-            check_tensor("input_gram", input_gram)
-            factors, out_err = whitened_cp(
-                weight.detach().reshape(layer.out_channels, -1),
-                input_gram.to(weight.device),
-                layer.out_shape,
-                (*layer.in_shape, *layer.kernel_size),
-                layer.rank,
-                damping=damping,
-                n_iter_max=n_iter_max,
-                tol=tol,
-                refine_iter=refine_iter,
-                init=init,
-            )
-        else:
-            factors, _ = cp_decompose(
-                weight.detach().reshape(layer.tensor_shape),
-                layer.rank,
-                n_iter_max=n_iter_max,
-                tol=tol,
-                init="svd" if init is None else init,
-            )
-            out_err = None
+        factors, out_err = fit_cp(
+            weight, layer.out_shape, (*layer.in_shape, *layer.kernel_size), layer.rank,
+            input_gram=input_gram, damping=damping, n_iter_max=n_iter_max, tol=tol,
+            refine_iter=refine_iter, init=init,
+        )  # fmt: skip
         with torch.no_grad():
             for p, f in zip(layer.factors, factors, strict=True):
                 p.copy_(f)

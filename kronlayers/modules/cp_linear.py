@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from .._shapes import MAX_MODES, balanced_factorization, prod
-from .._validation import check_int, check_rank, check_real, check_shape, check_tensor
-from ..decomposition.cp import cp_decompose, cp_max_rank, cp_rank_from_fraction
-from ..decomposition.whitening import DEFAULT_DAMPING, _check_damping, whitened_cp
+from .._validation import check_int, check_rank, check_shape
+from ..decomposition.cp import cp_max_rank, cp_rank_from_fraction
+from ..decomposition.whitening import DEFAULT_DAMPING, check_cp_fit_options, fit_cp
 from ..functional.cp_linear import (
     cp_linear,
     cp_linear_call,
@@ -295,13 +295,9 @@ class CPLinear(FactorizedLinear):
         The new layer has ``linear``'s device and dtype.
         """
         cls._check_dense(linear)
-
-        # Checked up front: without input_gram damping and refine_iter would be accepted and
-        # ignored, and a NaN / negative tol would run the ALS without any error.
-        _check_damping(damping)
-        n_iter_max = check_int("n_iter_max", n_iter_max, minimum=0)
-        tol = check_real("tol", tol, minimum=0.0)
-        refine_iter = check_int("refine_iter", refine_iter, minimum=0)
+        damping, n_iter_max, tol, refine_iter = check_cp_fit_options(
+            damping, n_iter_max, tol, refine_iter
+        )
         w = linear.weight
         layer = cls(
             linear.in_features,
@@ -314,29 +310,10 @@ class CPLinear(FactorizedLinear):
             device=w.device,
             dtype=w.dtype,
         )
-        if input_gram is not None:
-            check_tensor("input_gram", input_gram)
-            factors, out_err = whitened_cp(
-                w.detach(),
-                input_gram.to(w.device),
-                layer.out_shape,
-                layer.in_shape,
-                layer.rank,
-                damping=damping,
-                n_iter_max=n_iter_max,
-                tol=tol,
-                refine_iter=refine_iter,
-                init=init,
-            )
-        else:
-            factors, _ = cp_decompose(
-                w.detach().reshape(*layer.out_shape, *layer.in_shape),
-                layer.rank,
-                n_iter_max=n_iter_max,
-                tol=tol,
-                init="svd" if init is None else init,
-            )
-            out_err = None
+        factors, out_err = fit_cp(
+            w, layer.out_shape, layer.in_shape, layer.rank, input_gram=input_gram,
+            damping=damping, n_iter_max=n_iter_max, tol=tol, refine_iter=refine_iter, init=init,
+        )  # fmt: skip
         n_out = len(layer.out_shape)
         with torch.no_grad():
             for p, f in zip(layer.out_factors, factors[:n_out], strict=True):
